@@ -1,0 +1,16 @@
+"""Content fingerprints: short, stable hashes that let later stages refuse stale inputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+
+def fingerprint_bytes(*chunks: bytes) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint_json(obj) -> str:
+    return fingerprint_bytes(json.dumps(obj, sort_keys=True, default=str).encode())

@@ -1,0 +1,68 @@
+"""Parquet manifest: one row per scan, schema version and stage config in its metadata."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import DataError
+from .fingerprint import fingerprint_json
+
+MANIFEST_SCHEMA_VERSION = 1
+META_KEY = b"m2skd"
+
+COLUMNS = {
+    "sequence": pa.string(),
+    "frame": pa.int64(),
+    "frame_name": pa.string(),
+    "split": pa.string(),
+    "has_labels": pa.bool_(),
+    "n_single": pa.int64(),
+    "n_fused": pa.int64(),
+    "n_hard_instances": pa.int64(),
+    "shard": pa.string(),
+    "shard_index": pa.int64(),
+    "row_start": pa.int64(),
+    "row_stop": pa.int64(),
+    "fingerprint": pa.string(),
+    "hard_instance_points_single": pa.list_(pa.int64()),
+    "hard_instance_points_fused": pa.list_(pa.int64()),
+}
+SCHEMA = pa.schema([pa.field(k, v) for k, v in COLUMNS.items()])
+
+
+def write_manifest(rows: list[dict], path, meta: dict) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values(["sequence", "frame"]).reset_index(drop=True)
+    table = pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False)
+    full_meta = {**meta, "schema_version": MANIFEST_SCHEMA_VERSION, "content_fingerprint": content_fingerprint(df)}
+    table = table.replace_schema_metadata({META_KEY: json.dumps(full_meta, sort_keys=True).encode()})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return df
+
+
+def content_fingerprint(df: pd.DataFrame) -> str:
+    return fingerprint_json([df["sequence"].tolist(), df["frame"].tolist(), df["fingerprint"].tolist(), df["n_fused"].tolist()])
+
+
+def read_manifest(path) -> tuple[pd.DataFrame, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "manifest not found: run `m2skd prepare` first")
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise DataError(path, "not an m2skd manifest (no m2skd metadata)")
+    meta = json.loads(raw)
+    if meta.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        raise DataError(path, f"manifest schema version {meta.get('schema_version')} != {MANIFEST_SCHEMA_VERSION}; re-run prepare")
+    missing = set(COLUMNS) - set(table.column_names)
+    if missing:
+        raise DataError(path, f"manifest lacks columns {sorted(missing)}")
+    return table.to_pandas(), meta

@@ -1,0 +1,36 @@
+"""joblib execution shared by prepare and cache-teacher: loky locally, Dask beyond one machine."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+from joblib import Parallel, delayed, parallel_config
+
+
+@contextlib.contextmanager
+def backend(dask_scheduler: str | None):
+    """With a scheduler address, run joblib tasks on that Dask cluster (`pip install m2skd[dask]`)."""
+    if not dask_scheduler:
+        yield
+        return
+    from distributed import Client  # noqa: PLC0415 - optional dependency
+
+    with Client(dask_scheduler), parallel_config(backend="dask"):
+        yield
+
+
+def run_tasks(fn: Callable, tasks: Iterable, jobs: int, on_done: Callable | None = None, dask_scheduler: str | None = None) -> list:
+    """fn(task) for each task, results in completion order; on_done(task, result) as each ends."""
+    tasks = list(tasks)
+    results = []
+    with backend(dask_scheduler):
+        if jobs == 1 and not dask_scheduler:
+            stream = ((t, fn(t)) for t in tasks)
+        else:
+            par = Parallel(n_jobs=jobs, return_as="generator_unordered")
+            stream = par(delayed(lambda t: (t, fn(t)))(t) for t in tasks)
+        for task, result in stream:
+            results.append(result)
+            if on_done:
+                on_done(task, result)
+    return results
