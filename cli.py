@@ -31,15 +31,18 @@ class Progress:
 
         self.bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True, disable=None, file=sys.stderr)
 
-    def __call__(self, total=None, done=None, advance=None, postfix=None):
-        if total is not None:
+    def __call__(self, total=None, done=None, advance=None, postfix=None, set_to=None):
+        if total is not None and total != self.bar.total:
             self.bar.reset(total=total)
+        if set_to is not None:
+            self.bar.n = set_to
+            self.bar.refresh()
         if done:
             self.bar.update(done)
         if advance:
             self.bar.update(advance)
         if postfix:
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False)
 
     def close(self):
         self.bar.close()
@@ -119,6 +122,124 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
     elapsed = time.perf_counter() - t0
     summary["seconds"] = elapsed
     echo_summary(f"prepared {run_dir}", summary)
+
+
+def train_options(fn):
+    options = [
+        click.argument("run_dir", type=click.Path(exists=True, file_okay=False)),
+        click.option("--config", "config_path", default=None, help="YAML in configs/ (name) or a path; default: configs/semantickitti.yaml."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. --set steps=500."),
+        click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default=None, help="Sparse backend (overrides config)."),
+        click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default=None, help="Mixed precision (torch backend)."),
+        click.option("--steps", type=int, default=None),
+        click.option("--name", default=None, help="Output folder under RUN_DIR (default: the role)."),
+        click.option("--resume", is_flag=True, help="Continue from RUN_DIR/<name>/checkpoints/last.pt."),
+        click.option("--overwrite", is_flag=True, help="Start again, replacing existing checkpoints."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def run_training(role, run_dir, config_path, overrides, backend, amp, steps, name, resume, overwrite, device, no_distill=False):
+    from m2skd.train_config import load_config, parse_overrides
+    from m2skd.trainer import train
+
+    values = parse_overrides(overrides)
+    values.update({k: v for k, v in {"backend": backend, "amp": amp, "steps": steps}.items() if v is not None})
+    cfg = load_config(config_path or "semantickitti", values)
+    if no_distill:
+        cfg = cfg.no_distill()
+    bar = Progress(f"train-{name or ('baseline' if no_distill else role)}", unit="step")
+    shown = ("loss", "ce", "lovasz", "kd", "feat", "affinity", "val_miou")
+
+    def callback(step, total, logs):
+        bar(total=total, set_to=step, postfix={k: logs[k] for k in shown if k in logs})
+
+    result = train(run_dir, role, cfg, name=name, resume=resume, overwrite=overwrite, device=device, callback=callback)
+    bar.close()
+    last = result["history"][-1] if result["history"] else {}
+    echo_summary(f"trained {role} -> {result['checkpoint']}",
+                 {"steps": result["steps_done"], "seconds": result["seconds"], **{f"val_{k}": v for k, v in last.items() if k != "step"}})
+
+
+@main.command("train-teacher")
+@train_options
+@friendly_errors
+def train_teacher(**kwargs):
+    """Train the teacher on fused input (hard-class instances densified) with fused labels."""
+    run_training("teacher", **kwargs)
+
+
+@main.command("train-student")
+@train_options
+@click.option("--no-distill", is_flag=True, help="All distillation weights 0: the single-scan baseline.")
+@friendly_errors
+def train_student(no_distill, **kwargs):
+    """Train the single-scan student against the cached teacher targets (or the baseline)."""
+    if no_distill and not kwargs["name"]:
+        kwargs["name"] = "baseline"
+    run_training("student", no_distill=no_distill, **kwargs)
+
+
+@main.command("cache-teacher")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--teacher", default=None, help="Teacher checkpoint (default RUN_DIR/teacher/model.pt).")
+@click.option("--logit-encoding", type=click.Choice(["fp32", "fp16", "top2", "top4", "top8"]), default="fp16", show_default=True)
+@click.option("--feature-encoding", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--splits", default="train", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--jobs", default=1, show_default=True)
+@click.option("--threads-per-job", default=None, type=int, help="torch threads per job (default: cores / jobs).")
+@click.option("--dask-scheduler", default=None)
+@click.option("--overwrite", is_flag=True)
+@friendly_errors
+def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, backend, device, jobs, threads_per_job, dask_scheduler, overwrite):
+    """Run the teacher once over the fused shards; store its targets at the single-scan points."""
+    import os
+
+    from pipeline.cache_teacher import CacheConfig, run_cache
+
+    threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
+    cfg = CacheConfig(logit_encoding, feature_encoding, "dec4", csv_list(splits), backend, device, threads)
+    bar = Progress("cache-teacher")
+    summary = run_cache(run_dir, teacher, cfg, jobs=jobs, overwrite=overwrite, progress=bar, dask_scheduler=dask_scheduler)
+    bar.close()
+    echo_summary(f"cached teacher targets in {run_dir}/teacher_cache", summary)
+
+
+@main.command("eval")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--split", default="val", show_default=True)
+@click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False), help="Dataset root (default: the one the run was prepared from).")
+@click.option("--sequences", default=None)
+@click.option("--out", "out_dir", default=None, help="Where metrics and plots go (default RUN_DIR/eval).")
+@click.option("--save-labels", default=None, type=click.Path(file_okay=False), help="Write raw-id .label predictions here.")
+@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
+@click.option("--device", default=None)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--max-scans", default=None, type=int, help="Evaluate an evenly spaced subset.")
+@friendly_errors
+def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, backend, device, workers, max_scans):
+    """Official SemanticKITTI metrics for checkpoints side by side; CSV, JSON and PNG reports."""
+    from pipeline.evaluate import run_eval
+
+    bar = Progress("eval")
+    out = run_eval(checkpoints, split, data_root, csv_list(sequences), out_dir, save_labels, backend, device, workers,
+                   max_scans=max_scans, progress=bar)
+    bar.close()
+    print_table(out["table"])
+    click.echo(f"reports in {out['out_dir']}")
+
+
+def print_table(table) -> None:
+    head = ["checkpoint", "miou", "hard_miou", "miou_present", "accuracy"]
+    rest = [c for c in table.columns if c not in head]
+    click.echo(table[head].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo("\nper-class IoU:")
+    click.echo(table[["checkpoint"] + rest].set_index("checkpoint").T.to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":

@@ -28,35 +28,46 @@ def _compressor(dtype: np.dtype) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, typesize=dtype.itemsize)
 
 
-def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_scan: dict[str, np.ndarray] | None = None) -> int:
-    """Write one group atomically; returns bytes on disk. All fields share the row offsets."""
+def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_scan: dict[str, np.ndarray] | None = None,
+                 extra_rows: dict[str, dict[str, list[np.ndarray]]] | None = None) -> int:
+    """Write one group atomically; returns bytes on disk.
+
+    `fields` share one row set (`offsets`); each entry of `extra_rows` is another row set with
+    its own offsets (`<name>/offsets`), e.g. features kept only for hard-class points.
+    """
     path = Path(path)
-    names = list(fields)
-    counts = np.array([len(a) for a in fields[names[0]]], dtype=np.int64)
-    for name in names[1:]:
-        other = np.array([len(a) for a in fields[name]], dtype=np.int64)
-        if not np.array_equal(other, counts):
-            raise ValueError(f"field {name!r} has row counts that differ from {names[0]!r}")
-    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    for name in names:
-        flat = np.concatenate(fields[name]) if len(fields[name]) else np.zeros((0,), np.float32)
-        chunks = (ROWS_PER_CHUNK,) + flat.shape[1:]
-        arr = root.create_array(name, shape=flat.shape, dtype=flat.dtype, chunks=chunks, compressors=_compressor(flat.dtype))
-        arr[...] = flat
-    root.create_array("offsets", data=offsets, compressors=_compressor(offsets.dtype))
+    _write_rowset(root, fields)
+    for name, rowset in (extra_rows or {}).items():
+        _write_rowset(root.create_group(name), rowset)
     for name, values in (per_scan or {}).items():
         values = np.asarray(values)
         root.create_array(name, data=values, compressors=_compressor(values.dtype))
-    root.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "fields": names, "complete": True})
+    root.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
+                       "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()}, "complete": True})
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
     return dir_bytes(path)
+
+
+def _write_rowset(group, fields: dict[str, list[np.ndarray]]) -> None:
+    names = list(fields)
+    counts = np.array([len(a) for a in fields[names[0]]], dtype=np.int64)
+    for name in names[1:]:
+        if not np.array_equal([len(a) for a in fields[name]], counts):
+            raise ValueError(f"field {name!r} has row counts that differ from {names[0]!r}")
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    for name in names:
+        flat = np.concatenate(fields[name])
+        chunks = (ROWS_PER_CHUNK,) + flat.shape[1:]
+        arr = group.create_array(name, shape=flat.shape, dtype=flat.dtype, chunks=chunks, compressors=_compressor(flat.dtype))
+        arr[...] = flat
+    group.create_array("offsets", data=offsets, compressors=_compressor(offsets.dtype))
 
 
 def dir_bytes(path) -> int:
@@ -88,17 +99,33 @@ class RaggedReader:
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise DataError(self.path, f"schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}")
         self.attrs = attrs
-        self.offsets = self.group["offsets"][...]
-        self._arrays = {name: self.group[name] for name in attrs["fields"]}
+        self._rowsets = {None: (self.group, attrs["fields"])}
+        self._rowsets.update({name: (self.group[name], fields) for name, fields in attrs.get("extra_rows", {}).items()})
+        self._offsets = {}
+        self._arrays = {}
+
+    def _rowset(self, rowset):
+        if rowset not in self._offsets:
+            group, fields = self._rowsets[rowset]
+            self._offsets[rowset] = group["offsets"][...]
+            self._arrays[rowset] = {n: group[n] for n in fields}
+        return self._offsets[rowset], self._arrays[rowset]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self._rowset(None)[0]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def read(self, i: int, names=None, rows: slice | None = None) -> dict[str, np.ndarray]:
-        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+    def read(self, i: int, names=None, rows: slice | None = None, rowset: str | None = None) -> dict[str, np.ndarray]:
+        offsets, arrays = self._rowset(rowset)
+        start, stop = int(offsets[i]), int(offsets[i + 1])
         if rows is not None:
-            start, stop = start + (rows.start or 0), start + (rows.stop if rows.stop is not None else stop - start)
-        return {n: self._arrays[n][start:stop] for n in (names or self._arrays)}
+            first = start + (rows.start or 0)
+            stop = min(stop, start + rows.stop) if rows.stop is not None else stop
+            start = first
+        return {n: arrays[n][start:stop] for n in (names or arrays)}
 
     def per_scan(self, name: str) -> np.ndarray:
         return self.group[name][...]

@@ -88,7 +88,7 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
                 "sequence": task.sequence, "frame": i, "frame_name": names[i], "split": task.split,
                 "has_labels": labelled, "n_single": n_single, "n_fused": n_fused,
                 "n_hard_instances": len(fused.instance_points_single),
-                "shard": str(Path(task.path).relative_to(Path(task.path).parents[1])),
+                "shard": Path(task.path).relative_to(Path(task.path).parents[2]).as_posix(),  # shards/SEQ/NAME
                 "shard_index": i - task.start, "row_start": row_start, "row_stop": row_start + n_single + n_fused,
                 "fingerprint": fp,
                 "hard_instance_points_single": fused.instance_points_single.tolist(),

@@ -1,0 +1,84 @@
+"""Compact encodings of cached teacher targets, and what each costs in accuracy.
+
+Logits: `fp32`, `fp16`, or `topK` (the K largest logits in fp16 with their class ids; the
+other classes get probability 0 on decode). Features: `fp16`, or `int8` with one fp16 scale
+per point (symmetric, max-abs).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+LOGIT_ENCODINGS = ("fp32", "fp16", "top2", "top4", "top8")
+FEATURE_ENCODINGS = ("fp32", "fp16", "int8")
+
+
+def _topk(encoding: str) -> int | None:
+    m = re.fullmatch(r"top(\d+)", encoding)
+    return int(m.group(1)) if m else None
+
+
+def encode_logits(logits: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
+    if encoding == "fp32":
+        return {"logits": logits.astype(np.float32)}
+    if encoding == "fp16":
+        return {"logits": logits.astype(np.float16)}
+    k = _topk(encoding)
+    if k is None:
+        raise ValueError(f"unknown logit encoding {encoding!r}; choose from {LOGIT_ENCODINGS}")
+    idx = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(logits, idx, axis=1)
+    return {"logit_values": vals.astype(np.float16), "logit_classes": idx.astype(np.uint8)}
+
+
+def decode_logits(arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+    """fp32 (n, C); classes that were not stored are -inf."""
+    if "logits" in arrays:
+        return np.asarray(arrays["logits"], dtype=np.float32)
+    vals, idx = arrays["logit_values"], arrays["logit_classes"].astype(np.int64)
+    out = np.full((len(vals), num_classes), -np.inf, dtype=np.float32)
+    np.put_along_axis(out, idx, vals.astype(np.float32), axis=1)
+    return out
+
+
+def encode_features(features: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
+    if encoding == "fp32":
+        return {"features": features.astype(np.float32)}
+    if encoding == "fp16":
+        return {"features": features.astype(np.float16)}
+    if encoding == "int8":
+        scale = np.abs(features).max(axis=1, keepdims=True) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float16)
+        q = np.rint(features / scale.astype(np.float32)).clip(-127, 127).astype(np.int8)
+        return {"features_q": q, "feature_scale": scale[:, 0]}
+    raise ValueError(f"unknown feature encoding {encoding!r}; choose from {FEATURE_ENCODINGS}")
+
+
+def decode_features(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    if "features" in arrays:
+        return np.asarray(arrays["features"], dtype=np.float32)
+    return arrays["features_q"].astype(np.float32) * arrays["feature_scale"].astype(np.float32)[:, None]
+
+
+def log_softmax(z: np.ndarray, temperature: float) -> np.ndarray:
+    z = z.astype(np.float64) / temperature
+    m = np.max(z, axis=1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+
+
+def kl_error(exact: np.ndarray, decoded: np.ndarray, temperature: float) -> float:
+    """Mean KL(p_exact || p_decoded) per point at the distillation temperature (nats).
+
+    A class dropped by top-K has p_decoded = 0; its exact mass is charged at the smallest
+    kept log-probability minus log(2**20), so the figure stays finite but honest.
+    """
+    lp = log_softmax(exact, temperature)
+    lq = log_softmax(decoded, temperature)
+    floor = np.where(np.isfinite(lq), lq, np.inf).min(axis=1, keepdims=True) - 20 * np.log(2)
+    lq = np.where(np.isfinite(lq), lq, floor)
+    return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
+
+
+def bytes_per_point(arrays: dict[str, np.ndarray], n_points: int) -> float:
+    return sum(a.nbytes for a in arrays.values()) / max(n_points, 1)

@@ -1,0 +1,140 @@
+"""`m2skd cache-teacher`: run the teacher once over the fused shards and store its targets at the
+single-scan points: logits for every point, decoder features for hard-class instance points.
+
+Targets are in each scan's own frame and row order, so the student may augment freely. One
+cache group per prepare shard, same relative path, written whole then renamed: resumable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m2skd.errors import StaleInputError
+from m2skd.fingerprint import fingerprint_json
+from m2skd.manifest import read_manifest
+from m2skd.ragged import RaggedReader, dir_bytes, sweep_temporaries, write_json_atomic, write_ragged
+from m2skd.rundir import RunDir
+from m2skd.teacher_cache import decode_features, decode_logits, encode_features, encode_logits, kl_error
+from m2skd.trainer import file_fingerprint, load_checkpoint, spec_for_run
+from m2skd.transforms import voxel_coords
+
+from .parallel import run_tasks
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    logit_encoding: str = "fp16"
+    feature_encoding: str = "fp16"
+    feature_layer: str = "dec4"
+    splits: tuple[str, ...] = ("train",)
+    backend: str = "auto"
+    device: str = "cpu"
+    threads_per_job: int = 1
+
+
+def teacher_outputs(model, points: np.ndarray, voxel_size: float, layer: str, device) -> tuple[np.ndarray, np.ndarray]:
+    """Per-point (logits, features) of one scan, fp32, in input order."""
+    coords = np.concatenate([np.zeros((len(points), 1), np.int32), voxel_coords(points[:, :3], voxel_size)], axis=1)
+    feats = points.astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(coords).to(device), torch.from_numpy(feats).to(device))
+    return out.logits.float().cpu().numpy(), out.features[layer].float().cpu().numpy()
+
+
+def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig, attrs: dict) -> dict:
+    torch.set_num_threads(cfg.threads_per_job)
+    spec = spec_for_run(run)
+    model, ckpt = load_checkpoint(teacher_path, cfg.backend, cfg.device)
+    model.eval()
+    voxel = ckpt["config"]["voxel_size"]
+    reader = RaggedReader(run.prepare / shard_rel)
+    single_count = reader.per_scan("single_count")
+    logit_fields: dict[str, list] = {}
+    feat_fields: dict[str, list] = {}
+    kl, feat_err, n_points = [], [], 0
+    for i in range(len(reader)):
+        data = reader.read(i, names=["points", "label"])
+        n = int(single_count[i])
+        logits, feats = teacher_outputs(model, data["points"], voxel, cfg.feature_layer, cfg.device)
+        logits, feats, raw = logits[:n], feats[:n], data["label"][:n]
+        hard = spec.hard_mask[spec.learning_lut[raw & 0xFFFF]] & ((raw >> 16) > 0)
+        enc = encode_logits(logits, cfg.logit_encoding)
+        fenc = encode_features(feats[hard], cfg.feature_encoding)
+        fenc["point_index"] = np.flatnonzero(hard).astype(np.int32)
+        for fields, values in ((logit_fields, enc), (feat_fields, fenc)):
+            for key, value in values.items():
+                fields.setdefault(key, []).append(value)
+        kl.append(kl_error(logits, decode_logits(enc, spec.num_classes), ckpt["config"]["temperature"]) * n)
+        if hard.any():
+            exact = feats[hard]
+            feat_err.append(float(((decode_features(fenc) - exact) ** 2).sum() / max((exact ** 2).sum(), 1e-12)))
+        n_points += n
+    stats = {"feature_channels": int(feats.shape[1]), "kl_sum": float(np.sum(kl)),
+             "feature_rel_mse": float(np.mean(feat_err)) if feat_err else 0.0}
+    nbytes = write_ragged(run.teacher_cache / shard_rel, logit_fields, {**attrs, **stats}, extra_rows={"hard": feat_fields})
+    return {"shard": shard_rel, "scans": len(reader), "points": n_points, "bytes": nbytes, **stats}
+
+
+def _done(path: Path, attrs: dict) -> bool:
+    try:
+        got = RaggedReader(path).attrs
+    except Exception:
+        return False
+    return all(got.get(k) == v for k, v in attrs.items())
+
+
+def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs: int = 1, overwrite=False, progress=None, dask_scheduler=None) -> dict:
+    run = RunDir(run_dir)
+    teacher_path = Path(teacher_path or run.model_dir("teacher") / "model.pt")
+    if not teacher_path.is_file():
+        raise StaleInputError(f"{teacher_path}: no teacher checkpoint; run `m2skd train-teacher` first")
+    manifest, meta = read_manifest(run.manifest)
+    ckpt = torch.load(teacher_path, map_location="cpu", weights_only=False)
+    if ckpt.get("record", {}).get("role") != "teacher":
+        raise StaleInputError(f"{teacher_path}: not a teacher checkpoint (role {ckpt.get('record', {}).get('role')})")
+    if ckpt["record"]["manifest_fingerprint"] != meta["content_fingerprint"]:
+        raise StaleInputError(
+            f"{teacher_path}: the teacher was trained on other shards (manifest {ckpt['record']['manifest_fingerprint']} "
+            f"!= {meta['content_fingerprint']} in {run.manifest}); retrain the teacher or use the matching run directory"
+        )
+    prepare_fp = meta["config_fingerprint"]
+    teacher_fp = file_fingerprint(teacher_path)
+    attrs = {"teacher_fingerprint": teacher_fp, "manifest_fingerprint": meta["content_fingerprint"],
+             "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding, "feature_layer": cfg.feature_layer}
+    rows = manifest[manifest["split"].isin(list(cfg.splits)) & manifest["has_labels"]]
+    if rows.empty:
+        raise StaleInputError(f"{run.manifest}: no labelled scans in splits {list(cfg.splits)}")
+    shards = sorted(rows["shard"].unique())
+    for shard in shards:
+        got = RaggedReader(run.prepare / shard).attrs.get("config_fingerprint")
+        if got != prepare_fp:
+            raise StaleInputError(f"{run.prepare / shard}: made with prepare config {got}, manifest says {prepare_fp}; re-run prepare")
+    if run.teacher_cache.exists():
+        sweep_temporaries(run.teacher_cache)
+    todo = [s for s in shards if overwrite or not _done(run.teacher_cache / s, attrs)]
+    scans_per_shard = rows.groupby("shard").size().to_dict()
+    if progress:
+        progress(total=int(rows.shape[0]), done=int(sum(scans_per_shard[s] for s in shards if s not in todo)))
+    run_tasks(lambda s: cache_shard(s, run, str(teacher_path), cfg, attrs), todo, jobs,
+              on_done=(lambda s, r: progress(advance=r["scans"])) if progress else None, dask_scheduler=dask_scheduler)
+    # summary over every shard, including those done by an earlier run
+    nbytes = points = 0
+    kl_sum, feat_err = 0.0, []
+    for shard in shards:
+        reader = RaggedReader(run.teacher_cache / shard)
+        nbytes += dir_bytes(run.teacher_cache / shard)
+        points += int(reader.offsets[-1])
+        kl_sum += reader.attrs["kl_sum"]
+        feat_err.append(reader.attrs["feature_rel_mse"])
+    record = {**attrs, "teacher": str(teacher_path), "feature_channels": reader.attrs["feature_channels"],
+              "splits": list(cfg.splits), "shards": shards, "points": points, "bytes": nbytes,
+              "bytes_per_point": nbytes / max(points, 1), "kl_stored_vs_exact": kl_sum / max(points, 1),
+              "feature_relative_mse": float(np.mean(feat_err))}
+    record["cache_fingerprint"] = fingerprint_json(record)
+    write_json_atomic(run.teacher_cache / "cache.json", record)
+    return {"shards": len(shards), "shards_written": len(todo), "points": points, "bytes_per_point": record["bytes_per_point"],
+            "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding,
+            "kl_stored_vs_exact": record["kl_stored_vs_exact"], "feature_relative_mse": record["feature_relative_mse"]}

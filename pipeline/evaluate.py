@@ -1,0 +1,112 @@
+"""`m2skd eval`: official SemanticKITTI metrics for one or more checkpoints on raw sequences at
+full resolution, side by side; CSV/JSON tables, PNG plots, optional `.label` predictions."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from m2skd import semantickitti as sk
+from m2skd.dataset import RawScanDataset, collate
+from m2skd.dataset_spec import load_spec
+from m2skd.errors import StaleInputError
+from m2skd.inference import evaluate
+from m2skd.metrics import summarize
+from m2skd.plots import confusion_plot, iou_bars
+from m2skd.ragged import read_json, write_json_atomic
+from m2skd.rundir import RunDir
+from m2skd.trainer import load_checkpoint, spec_for_run
+
+
+def checkpoint_label(path: Path) -> str:
+    """RUN/student/model.pt -> 'student'."""
+    path = Path(path)
+    return path.parent.name if path.name == "model.pt" else path.stem
+
+
+def resolve_data(checkpoint: Path, data_root=None) -> str:
+    if data_root:
+        return str(data_root)
+    record = checkpoint.resolve().parent.parent / "prepare" / "config.json"
+    if record.is_file():
+        return read_json(record)["data_root"]
+    raise StaleInputError(f"{checkpoint}: cannot tell which dataset it belongs to; pass --data")
+
+
+def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=None, save_labels=None, backend="auto",
+             device=None, workers=2, batch_size=1, max_scans=None, progress=None) -> dict:
+    checkpoints = [Path(c) for c in checkpoints]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_root = resolve_data(checkpoints[0], data_root)
+    out_dir = Path(out_dir or checkpoints[0].resolve().parent.parent / "eval")
+    results, timings = {}, {}
+    for ckpt_path in checkpoints:
+        model, ckpt = load_checkpoint(ckpt_path, backend, device)
+        spec = spec_for_checkpoint(ckpt_path)
+        seqs = list(sequences) if sequences else [s for s in sk.list_sequences(data_root) if spec.split_of(s) == split]
+        dataset = RawScanDataset(data_root, seqs, spec, ckpt["config"]["voxel_size"])
+        if max_scans and max_scans < len(dataset):
+            dataset.items = dataset.items[:: max(1, len(dataset.items) // max_scans)][:max_scans]
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
+        label = checkpoint_label(ckpt_path)
+        if progress:
+            progress(total=len(dataset), postfix={"checkpoint": label})
+        writer = _label_writer(dataset, spec, Path(save_labels) / label) if save_labels else None
+
+        def on_batch(batch, pred):
+            if writer:
+                writer(batch, pred)
+            if progress:
+                progress(advance=len(batch["n_single"]))
+
+        t0 = time.perf_counter()
+        conf = evaluate(model, loader, spec.num_classes, device, on_batch=on_batch)
+        seconds = time.perf_counter() - t0
+        summary = summarize(conf.matrix, spec.class_names, spec.hard_classes)
+        summary.update(checkpoint=str(ckpt_path), split=split, sequences=seqs, scans=len(dataset), seconds=seconds,
+                       points=int(conf.matrix.sum()), points_per_second=float(conf.matrix.sum()) / max(seconds, 1e-9),
+                       labelled=all(seq.has_labels for seq, _ in dataset.items))
+        results[label] = summary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(results)
+    table.to_csv(out_dir / "metrics.csv", index=False)
+    write_json_atomic(out_dir / "metrics.json", results)
+    iou_bars(results, out_dir / "per_class_iou.png")
+    for label, summary in results.items():
+        confusion_plot(np.array(summary["confusion"]), summary["class_names"], out_dir / f"confusion_{label}.png", f"{label}: confusion (row-normalised)")
+    return {"results": results, "table": table, "out_dir": str(out_dir)}
+
+
+def spec_for_checkpoint(ckpt_path: Path):
+    """The dataset description (and hard classes) of the run the checkpoint was trained in."""
+    run = RunDir(Path(ckpt_path).resolve().parent.parent)
+    return spec_for_run(run) if (run.prepare / "config.json").is_file() else load_spec()
+
+
+def _label_writer(dataset: RawScanDataset, spec, root: Path):
+    """Predictions as raw-id .label files: ROOT/sequences/NN/predictions/XXXXXX.label."""
+
+    def write(batch, pred):
+        pred = pred.cpu().numpy()
+        offsets = batch["offsets"].cpu().numpy()
+        for b, index in enumerate(batch["index"].tolist()):
+            seq, frame = dataset.items[index]
+            raw = spec.inverse_lut[pred[offsets[b]:offsets[b + 1]]]
+            sk.write_label(root / "sequences" / seq.name / "predictions" / f"{frame}.label", raw)
+
+    return write
+
+
+def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
+    """One row per checkpoint: official mIoU, hard-class mIoU, accuracy, then per-class IoU."""
+    rows = []
+    for label, s in results.items():
+        row = {"checkpoint": label, "miou": s["miou"], "hard_miou": s["hard_miou"], "miou_present": s["miou_present"],
+               "accuracy": s["accuracy"]}
+        row.update({pc["name"]: pc["iou"] for pc in s["per_class"]})
+        rows.append(row)
+    return pd.DataFrame(rows)

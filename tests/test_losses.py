@@ -1,0 +1,263 @@
+"""Losses checked against values written out by hand (or with plain numpy), not by the code under test."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from m2skd.losses import (
+    FeatureAdapter,
+    affinity_distillation,
+    distillation_loss,
+    feature_distillation,
+    logit_distillation,
+    lovasz_softmax,
+    segmentation_loss,
+)
+
+
+def _np_log_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+
+
+# ----------------------------------------------------------------- segmentation
+
+
+def test_cross_entropy_skips_ignored_points():
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [5.0, -3.0, 1.0]])
+    labels = np.array([1, 2, 0])  # last point ignored
+    lsm = _np_log_softmax(logits)
+    expected = -(lsm[0, 1] + lsm[1, 2]) / 2
+    total, parts = segmentation_loss(torch.tensor(logits, dtype=torch.float32),
+                                     torch.tensor(labels), lovasz_weight=0.0)
+    assert parts["ce"].item() == pytest.approx(expected, rel=1e-5)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_segmentation_loss_all_ignored_is_finite_and_backprops():
+    logits = torch.randn(6, 4, requires_grad=True)
+    total, parts = segmentation_loss(logits, torch.zeros(6, dtype=torch.long))
+    assert total.item() == 0.0 and torch.isfinite(parts["lovasz"])
+    total.backward()
+    assert torch.all(torch.isfinite(logits.grad))
+
+
+def test_lovasz_perfect_prediction_is_zero():
+    labels = torch.tensor([1, 2, 2, 3, 0, 1])
+    probs = torch.nn.functional.one_hot(labels, 4).float()
+    assert lovasz_softmax(probs, labels).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def _brute_lovasz(probs, labels, ignore=0):
+    """Lovasz extension as a threshold integral: f(m) = int_0^1 Delta_J({i: m_i >= t}) dt,
+    with Delta_J(A) = |A| / |fg U A| (Berman et al. 2018), averaged over present classes."""
+    keep = labels != ignore
+    probs, labels = probs[keep], labels[keep]
+    losses = []
+    for c in sorted(set(labels.tolist())):
+        fg = labels == c
+        m = np.abs(fg.astype(float) - probs[:, c])
+        levels = sorted(set(m.tolist()) | {0.0}, reverse=True)
+        value = 0.0
+        for hi, lo in zip(levels[:-1], levels[1:]):
+            a = m >= hi  # the set {m >= t} for t in (lo, hi]
+            value += (hi - lo) * a.sum() / (fg | a).sum()
+        losses.append(value)
+    return float(np.mean(losses))
+
+
+def test_lovasz_matches_brute_force_on_five_points():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 4))
+    probs = np.exp(_np_log_softmax(logits))
+    labels = np.array([1, 3, 1, 0, 2])
+    expected = _brute_lovasz(probs, labels)
+    got = lovasz_softmax(torch.tensor(probs), torch.tensor(labels)).item()
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_lovasz_no_valid_points_keeps_graph():
+    probs = torch.rand(3, 4, requires_grad=True)
+    loss = lovasz_softmax(probs, torch.zeros(3, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and probs.grad is not None
+
+
+# ----------------------------------------------------------------- logit distillation
+
+
+def test_kd_is_zero_when_teacher_equals_student():
+    z = torch.randn(7, 5)
+    assert logit_distillation(z, z.clone(), temperature=3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_temperature_squared_factor():
+    # Teacher logits (0, ln 3), uniform student.
+    student = torch.zeros(1, 2)
+    teacher = torch.tensor([[0.0, math.log(3.0)]])
+    # T = 1: p_t = (1/4, 3/4), p_s = (1/2, 1/2).
+    kl1 = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    # T = 2: p_t = (1, sqrt 3) / (1 + sqrt 3), multiplied by T^2 = 4.
+    a, b = 1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))
+    kl2 = 4 * (a * math.log(a / 0.5) + b * math.log(b / 0.5))
+    assert logit_distillation(student, teacher, temperature=1.0).item() == pytest.approx(kl1, rel=1e-5)
+    assert logit_distillation(student, teacher, temperature=2.0).item() == pytest.approx(kl2, rel=1e-5)
+
+
+def test_kd_masked_mean():
+    student = torch.zeros(2, 2)
+    teacher = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    got = logit_distillation(student, teacher, 1.0, mask=torch.tensor([True, False]))
+    assert got.item() == pytest.approx(kl, rel=1e-5)
+    assert logit_distillation(student, teacher, 1.0).item() == pytest.approx(kl / 2, rel=1e-5)
+    empty = logit_distillation(student, teacher, 1.0, mask=torch.tensor([False, False]))
+    assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("filler", [float("-inf"), -65504.0])
+def test_kd_with_missing_teacher_classes(filler):
+    student = torch.tensor([[0.3, -0.2, 1.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    # Row 1: class 1 not stored (top-k). Row 2: nothing stored at all -> no target.
+    teacher = torch.tensor([[0.0, filler, math.log(3.0)], [filler, filler, filler]])
+    if filler == float("-inf"):
+        expected_rows = [0]
+    else:  # a finite filler is a (negligible) logit, so row 2 is a uniform target
+        expected_rows = [0, 1]
+    log_ps = _np_log_softmax(student.detach().numpy())
+    p_t = np.array([[0.25, 0.0, 0.75], [1 / 3, 1 / 3, 1 / 3]])
+    kls = [sum(p * (math.log(p) - ls) for p, ls in zip(p_t[r], log_ps[r]) if p > 0)
+           for r in expected_rows]
+    loss = logit_distillation(student, teacher, temperature=1.0)
+    assert loss.item() == pytest.approx(float(np.mean(kls)), rel=1e-5)
+    loss.backward()
+    assert torch.all(torch.isfinite(student.grad))
+
+
+# ----------------------------------------------------------------- feature distillation
+
+
+def test_feature_mse_on_mask():
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[0.0, 0.0], [1.0, 1.0], [9.0, 9.0]])
+    mask = torch.tensor([True, True, False])
+    expected = (1 + 4 + 4 + 9) / 4
+    loss = feature_distillation(s, t, mask)
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    assert s.grad[2].abs().sum() == 0
+
+
+def test_feature_empty_mask_and_adapter():
+    s = torch.randn(4, 3, requires_grad=True)
+    adapter = FeatureAdapter(3, 5)
+    loss = feature_distillation(adapter(s), torch.randn(4, 5), torch.zeros(4, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert isinstance(FeatureAdapter(4, 4).proj, torch.nn.Identity)
+    with pytest.raises(ValueError):
+        feature_distillation(s, torch.randn(4, 5), None)
+
+
+# ----------------------------------------------------------------- affinity distillation
+
+
+def _np_cos(x):
+    x = np.asarray(x, dtype=np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return x @ x.T
+
+
+def test_affinity_two_instances_by_hand():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(9, 4))
+    t = rng.normal(size=(9, 6))  # widths may differ: only n x n similarities are compared
+    ids = np.array([0, 7, 7, 3, 7, 0, 3, 3, 3])  # instance 7: 3 points, instance 3: 4 points
+    expected = np.mean([
+        np.abs(_np_cos(s[ids == k]) - _np_cos(t[ids == k])).mean() for k in (7, 3)
+    ])
+    st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    loss = affinity_distillation(st, torch.tensor(t, dtype=torch.float32),
+                                 torch.tensor(ids), max_points_per_instance=1000)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert torch.all(torch.isfinite(st.grad))
+    assert st.grad[ids == 0].abs().sum() == 0
+    # No subsampling at all gives the same value.
+    none = affinity_distillation(st, torch.tensor(t, dtype=torch.float32), torch.tensor(ids),
+                                 max_points_per_instance=None)
+    assert none.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_affinity_single_point_instance_counts_as_zero():
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    ids = np.array([1, 1, 1, 2])
+    pair = np.abs(_np_cos(s[:3]) - _np_cos(t[:3])).mean()
+    loss = affinity_distillation(torch.tensor(s), torch.tensor(t), torch.tensor(ids))
+    assert loss.item() == pytest.approx(pair / 2, rel=1e-9)
+
+
+def test_affinity_subsampling_picks_a_subset():
+    rng = np.random.default_rng(2)
+    s, t = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    ids = torch.ones(6, dtype=torch.long)
+    candidates = {
+        (i, j): np.abs(_np_cos(s[[i, j]]) - _np_cos(t[[i, j]])).mean()
+        for i in range(6) for j in range(i + 1, 6)
+    }
+    seen = set()
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        v = affinity_distillation(torch.tensor(s), torch.tensor(t), ids,
+                                  max_points_per_instance=2, generator=g).item()
+        match = [k for k, c in candidates.items() if abs(c - v) < 1e-9]
+        assert match, "subsampled loss must equal the loss of some 2-point subset"
+        seen.add(match[0])
+    assert len(seen) > 1  # the subset is random
+
+
+def test_affinity_class_mode_groups_by_class():
+    rng = np.random.default_rng(4)
+    s, t = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    inst = np.array([5, 6, 6, 9, 0, 9])
+    cls = np.array([2, 2, 2, 4, 2, 4])  # the point with instance 0 is not a hard point
+    expected = np.mean([
+        np.abs(_np_cos(s[[0, 1, 2]]) - _np_cos(t[[0, 1, 2]])).mean(),
+        np.abs(_np_cos(s[[3, 5]]) - _np_cos(t[[3, 5]])).mean(),
+    ])
+    loss = affinity_distillation(torch.tensor(s), torch.tensor(t), torch.tensor(inst),
+                                 mode="class", class_ids=torch.tensor(cls))
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_no_hard_points_gives_finite_zero_losses():
+    s = torch.randn(5, 8, requires_grad=True)
+    logits = torch.randn(5, 4, requires_grad=True)
+    ids = torch.zeros(5, dtype=torch.long)
+    aff = affinity_distillation(s, torch.randn(5, 8), ids)
+    total, parts = distillation_loss(logits, torch.randn(5, 4), s, torch.randn(5, 8),
+                                     hard_mask=ids > 0, instance_ids=ids)
+    assert aff.item() == 0.0 and parts["feat"].item() == 0.0 and parts["affinity"].item() == 0.0
+    assert torch.isfinite(total)
+    (total + aff).backward()
+    assert torch.all(torch.isfinite(s.grad)) and torch.all(torch.isfinite(logits.grad))
+
+
+def test_distillation_loss_combines_weighted_parts():
+    torch.manual_seed(0)
+    sl, tl = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    tl[:, 1] = float("-inf")
+    sf, tf = torch.randn(6, 3, requires_grad=True), torch.randn(6, 3)
+    ids = torch.tensor([0, 1, 1, 2, 2, 2])
+    cfg = {"kd_weight": 2.0, "temperature": 1.5, "feat_weight": 0.5, "affinity_weight": 3.0}
+    total, parts = distillation_loss(sl, tl, sf, tf, hard_mask=ids > 0, instance_ids=ids,
+                                     config=cfg)
+    expected = (2.0 * logit_distillation(sl, tl, 1.5) + 0.5 * feature_distillation(sf, tf, ids > 0)
+                + 3.0 * affinity_distillation(sf, tf, ids))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert set(parts) == {"kd", "feat", "affinity"} and not parts["kd"].requires_grad
+    total.backward()
+    assert torch.all(torch.isfinite(sl.grad)) and torch.all(torch.isfinite(sf.grad))
