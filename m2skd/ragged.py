@@ -48,10 +48,15 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
         root.create_array(name, data=values, compressors=_compressor(values.dtype))
     root.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
                        "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()}, "complete": True})
+    _publish(tmp, path)
+    return dir_bytes(path)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Move a finished group into place (the only moment the final name appears)."""
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
-    return dir_bytes(path)
 
 
 def _write_rowset(group, fields: dict[str, list[np.ndarray]]) -> None:

@@ -173,7 +173,7 @@ def list_sequences(root) -> list[str]:
 
 # --- writers (synthetic data, predictions) -------------------------------------------------
 
-def _atomic_write(path, data: bytes) -> None:
+def atomic_write(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -182,14 +182,14 @@ def _atomic_write(path, data: bytes) -> None:
 
 
 def write_scan(path, scan: np.ndarray) -> None:
-    _atomic_write(path, np.ascontiguousarray(scan, dtype=np.float32).tobytes())
+    atomic_write(path, np.ascontiguousarray(scan, dtype=np.float32).tobytes())
 
 
 def write_label(path, semantic: np.ndarray, instance: np.ndarray | None = None) -> None:
     label = semantic.astype(np.uint32) & 0xFFFF
     if instance is not None:
         label |= instance.astype(np.uint32) << 16
-    _atomic_write(path, label.tobytes())
+    atomic_write(path, label.tobytes())
 
 
 def format_matrices(mats: np.ndarray) -> str:
@@ -199,11 +199,11 @@ def format_matrices(mats: np.ndarray) -> str:
 def write_poses(path, lidar_poses: np.ndarray, tr: np.ndarray) -> None:
     """Write camera-frame poses P_i = Tr @ T_i @ inv(Tr) so readers recover T_i."""
     cam = tr @ lidar_poses @ np.linalg.inv(tr)
-    _atomic_write(path, format_matrices(cam).encode())
+    atomic_write(path, format_matrices(cam).encode())
 
 
 def write_calib(path, tr: np.ndarray) -> None:
     p = np.eye(4)[:3].ravel()
     lines = [f"P{i}: " + " ".join(f"{v:.12e}" for v in p) for i in range(4)]
     lines.append("Tr: " + " ".join(f"{v:.12e}" for v in tr[:3, :4].ravel()))
-    _atomic_write(path, ("\n".join(lines) + "\n").encode())
+    atomic_write(path, ("\n".join(lines) + "\n").encode())

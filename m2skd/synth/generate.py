@@ -1,0 +1,210 @@
+"""Write simulated sequences in the SemanticKITTI layout and summarise what was written.
+
+Every sequence gets its own street from (seed, sequence name) and every scan its own noise
+stream from (seed, sequence name, frame), so the output is byte-identical for a seed whatever
+the number of parallel jobs.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import semantickitti as sk
+from ..dataset_spec import DatasetSpec, load_spec
+from .lidar import simulate_scan
+from .scene import Scene, SynthConfig, SynthConfigError, build_scene
+
+#: Velodyne -> left camera of KITTI sequence 00, so poses.txt is in a realistic camera frame.
+KITTI_TR = np.array([
+    [4.276802385584e-04, -9.999672484946e-01, -8.084491683471e-03, -1.198459927713e-02],
+    [-7.210626507497e-03, 8.081198471645e-03, -9.999413164504e-01, -5.403984729748e-02],
+    [9.999738645903e-01, 4.859485810390e-04, -7.206933692422e-03, -2.921968648686e-01],
+    [0.0, 0.0, 0.0, 1.0],
+])
+#: Hard-class instances closer / farther than these (m) count as near / far in the summary.
+NEAR_M, FAR_M = 15.0, 30.0
+RANGE_BINS = (0.0, 10.0, 20.0, 30.0, 40.0, 60.0, np.inf)
+
+
+def sequence_key(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def scene_for(sequence: str, frames: int, seed: int = 0, config: SynthConfig | None = None) -> Scene:
+    """The street of one sequence (what generate_dataset simulates), e.g. for tests."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, sequence_key(sequence), 0]))
+    return build_scene(config or SynthConfig(), rng, frames)
+
+
+@dataclass
+class FrameStats:
+    n_points: int
+    raw_counts: np.ndarray        # points per raw id (bincount)
+    instance_ids: np.ndarray      # thing instances seen in the scan
+    instance_raw: np.ndarray      # their raw ids
+    instance_points: np.ndarray   # their point counts
+    instance_range: np.ndarray    # range (m) of their centroid
+    seconds: float                # simulation time, without writing
+
+
+def generate_dataset(out_dir, sequences=("00",), frames: int = 20, seed: int = 0, config: SynthConfig | None = None,
+                     jobs: int = 1, progress: Callable[[int], None] | None = None, *,
+                     spec: DatasetSpec | None = None) -> dict:
+    """Simulate `frames` scans for each sequence under out_dir/sequences/NN and return summary stats.
+
+    Sequences of the spec's test split are written without labels, as in SemanticKITTI.
+    `progress(n)` is called with the number of scans just finished (1 per scan).
+    Existing files of a sequence are overwritten; scans beyond `frames` left from an earlier
+    run are removed so the sequence stays consistent with its poses.
+    """
+    config = config or SynthConfig()
+    spec = spec or load_spec()
+    if frames < 1:
+        raise SynthConfigError("frames must be at least 1")
+    sequences = [str(s) for s in sequences]
+    bad = [s for s in sequences if not s.isalnum()]
+    if bad or not sequences or len(set(sequences)) != len(sequences):
+        raise SynthConfigError(f"sequence names must be distinct and alphanumeric (like 00, 08), got {sequences}")
+    out_dir = Path(out_dir)
+    per_sequence, all_stats = {}, []
+    for name in sequences:
+        labelled = spec.split_of(name) != "test"
+        stats = write_sequence(out_dir / "sequences" / name, name, frames, seed, config, labelled, jobs, progress)
+        per_sequence[name] = {"split": spec.split_of(name), "frames": frames, "labelled": labelled}
+        all_stats += stats
+    return summarize(all_stats, per_sequence, spec)
+
+
+def write_sequence(seq_dir: Path, name: str, frames: int, seed: int, config: SynthConfig, labelled: bool,
+                   jobs: int, progress) -> list[FrameStats]:
+    scene = scene_for(name, frames, seed, config)
+    _remove_stale(seq_dir, frames, labelled)
+    tasks = range(frames)
+    if jobs == 1:
+        stream = (write_frame(scene, seq_dir, name, i, seed, labelled) for i in tasks)
+    else:
+        from joblib import Parallel, delayed
+
+        stream = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(write_frame)(scene, seq_dir, name, i, seed, labelled) for i in tasks)
+    stats = []
+    for frame_stats in stream:
+        stats.append(frame_stats)
+        if progress is not None:
+            progress(1)
+    tr = calibration()
+    sk.write_calib(seq_dir / "calib.txt", tr)
+    sk.write_poses(seq_dir / "poses.txt", scene.lidar_poses(), tr)
+    sk.atomic_write(seq_dir / "times.txt", "".join(f"{t:.6e}\n" for t in scene.frame_times).encode())
+    return stats
+
+
+def calibration() -> np.ndarray:
+    """KITTI's Tr rounded as calib.txt stores it, so written poses round-trip exactly."""
+    tr = np.eye(4)
+    tr[:3] = np.array([float(f"{v:.12e}") for v in KITTI_TR[:3].ravel()]).reshape(3, 4)
+    return tr
+
+
+def _remove_stale(seq_dir: Path, frames: int, labelled: bool) -> None:
+    """Drop scans/labels of an earlier, longer run, and labels in an unlabelled split."""
+    for sub, ext in (("velodyne", ".bin"), ("labels", ".label")):
+        folder = seq_dir / sub
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(f"[0-9][0-9][0-9][0-9][0-9][0-9]{ext}"):
+            if int(path.stem) >= frames or (sub == "labels" and not labelled):
+                path.unlink()
+        if sub == "labels" and not labelled and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def write_frame(scene: Scene, seq_dir: Path, name: str, frame: int, seed: int, labelled: bool) -> FrameStats:
+    rng = np.random.default_rng(np.random.SeedSequence([seed, sequence_key(name), 1, frame]))
+    start = time.perf_counter()
+    scan = simulate_scan(scene, frame, rng)
+    seconds = time.perf_counter() - start
+    sk.write_scan(seq_dir / "velodyne" / f"{frame:06d}.bin", scan.points)
+    if labelled:
+        sk.write_label(seq_dir / "labels" / f"{frame:06d}.label", scan.raw, scan.instance)
+    return frame_stats(scan, seconds)
+
+
+def frame_stats(scan, seconds: float) -> FrameStats:
+    things = scan.instance > 0
+    ids, first, inverse, counts = np.unique(scan.instance[things], return_index=True, return_inverse=True,
+                                            return_counts=True)
+    centroids = np.zeros((len(ids), 3))
+    np.add.at(centroids, inverse, scan.points[things, :3].astype(np.float64))
+    centroids /= np.maximum(counts, 1)[:, None]
+    return FrameStats(
+        n_points=len(scan.points),
+        raw_counts=np.bincount(scan.raw, minlength=260),
+        instance_ids=ids,
+        instance_raw=scan.raw[things][first] if len(ids) else np.zeros(0, np.uint32),
+        instance_points=counts,
+        instance_range=np.linalg.norm(centroids, axis=1),
+        seconds=seconds,
+    )
+
+
+def summarize(stats: list[FrameStats], per_sequence: dict, spec: DatasetSpec) -> dict:
+    """Scalars at the top level (what a CLI prints), details in nested dicts."""
+    n_points = np.array([s.n_points for s in stats])
+    raw_counts = np.sum([s.raw_counts for s in stats], axis=0)
+    hard = _hard_instance_rows(stats, spec)
+    near = hard["points"][hard["range"] < NEAR_M]
+    far = hard["points"][hard["range"] >= FAR_M]
+    return {
+        "sequences": per_sequence,
+        "scans": len(stats),
+        "points_per_scan_mean": float(n_points.mean()),
+        "points_per_scan_min": int(n_points.min()),
+        "points_per_scan_max": int(n_points.max()),
+        "seconds_per_scan": float(np.mean([s.seconds for s in stats])),
+        f"hard_points_median_near_{NEAR_M:g}m": _median(near),
+        f"hard_points_median_far_{FAR_M:g}m": _median(far),
+        "hard_points_median_by_range": _by_range(hard),
+        "class_points": {spec.labels.get(r, str(r)): int(c) for r, c in enumerate(raw_counts) if c},
+        "instances": _instances_per_class(stats, per_sequence, spec),
+    }
+
+
+def _hard_instance_rows(stats: list[FrameStats], spec: DatasetSpec) -> dict:
+    """Per (scan, hard-class instance): point count and centroid range."""
+    raw = np.concatenate([s.instance_raw for s in stats]).astype(np.int64)
+    points = np.concatenate([s.instance_points for s in stats])
+    ranges = np.concatenate([s.instance_range for s in stats])
+    is_hard = spec.hard_mask[spec.learning_lut[raw]] if raw.size else np.zeros(0, bool)
+    return {"points": points[is_hard], "range": ranges[is_hard]}
+
+
+def _by_range(hard: dict) -> dict:
+    out = {}
+    for lo, hi in zip(RANGE_BINS[:-1], RANGE_BINS[1:]):
+        sel = (hard["range"] >= lo) & (hard["range"] < hi)
+        label = f"{lo:g}-{hi:g}m" if np.isfinite(hi) else f">{lo:g}m"
+        out[label] = {"instances": int(sel.sum()), "median_points": _median(hard["points"][sel])}
+    return out
+
+
+def _instances_per_class(stats: list[FrameStats], per_sequence: dict, spec: DatasetSpec) -> dict:
+    """Distinct instances seen per raw class (ids are unique within a sequence)."""
+    seen: dict[str, set] = {}
+    frames_per_seq = [(name, info["frames"]) for name, info in per_sequence.items()]
+    index = 0
+    for name, n in frames_per_seq:
+        for s in stats[index:index + n]:
+            for inst, raw in zip(s.instance_ids.tolist(), s.instance_raw.tolist()):
+                seen.setdefault(spec.labels.get(raw, str(raw)), set()).add((name, inst))
+        index += n
+    return {label: len(ids) for label, ids in sorted(seen.items())}
+
+
+def _median(values: np.ndarray) -> float | None:
+    return float(np.median(values)) if len(values) else None

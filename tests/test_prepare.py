@@ -1,0 +1,169 @@
+"""prepare: hard-class fusion, shard contents, manifest, and resumption after a crash."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from m2skd import semantickitti as sk
+from m2skd.dataset_spec import load_spec
+from m2skd.errors import StaleInputError
+from m2skd.fusion import FusionConfig, icp_refine
+from m2skd.manifest import COLUMNS, MANIFEST_SCHEMA_VERSION, read_manifest
+from m2skd.ragged import RaggedReader
+from m2skd.rundir import RunDir
+from pipeline.prepare import PrepareConfig, run_prepare
+
+SPEC = load_spec()
+
+
+def scan_rows(run, row):
+    reader = RaggedReader(RunDir(run).prepare / row["shard"])
+    data = reader.read(int(row["shard_index"]))
+    assert len(data["points"]) == row["row_stop"] - row["row_start"] == row["n_single"] + row["n_fused"]
+    return data
+
+
+def nn_dist(a, b):
+    d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    return np.sqrt(d2.min(1))
+
+
+def test_single_scan_recoverable_bit_exact(small_dataset, prepared_run):
+    run, _ = prepared_run
+    df, _ = read_manifest(RunDir(run).manifest)
+    for _, row in df.iterrows():
+        seq = sk.Sequence(small_dataset, row["sequence"])
+        data = scan_rows(run, row)
+        n = row["n_single"]
+        raw_points = seq.scan_path(row["frame_name"]).read_bytes()
+        assert data["points"][:n].tobytes() == raw_points
+        assert (data["source"][:n] == 0).all() and (data["source"][n:] > 0).all()
+        if row["has_labels"]:
+            assert data["label"][:n].tobytes() == seq.label_path(row["frame_name"]).read_bytes()
+
+
+def test_only_hard_instances_of_current_scan_are_fused(prepared_run):
+    run, summary = prepared_run
+    df, _ = read_manifest(RunDir(run).manifest)
+    assert summary["fused_points"] > 0
+    for _, row in df[df["has_labels"]].iterrows():
+        data = scan_rows(run, row)
+        n = row["n_single"]
+        train = SPEC.learning_lut[data["label"] & 0xFFFF]
+        inst = data["label"] >> 16
+        fused_train, fused_inst = train[n:], inst[n:]
+        assert SPEC.hard_mask[fused_train].all(), "a non-hard class was fused"
+        assert (fused_inst > 0).all()
+        current = set(zip(train[:n].tolist(), inst[:n].tolist()))
+        assert set(zip(fused_train.tolist(), fused_inst.tolist())) <= current, "fused points of an instance absent from the scan"
+        assert data["source"][n:].max(initial=0) <= 4
+        # instance-level statistics: fusion only ever adds points
+        assert (np.array(row["hard_instance_points_fused"]) >= np.array(row["hard_instance_points_single"])).all()
+
+
+def test_static_and_moving_instances_land_on_current_position(prepared_run):
+    """Static hard instances align by pose alone; moving ones by centroid offset."""
+    run, _ = prepared_run
+    df, _ = read_manifest(RunDir(run).manifest)
+    static_d, moving_d, moving_pose_only_shift = [], [], []
+    for _, row in df[df["has_labels"] & (df["frame"] >= 4)].iterrows():
+        data = scan_rows(run, row)
+        n = row["n_single"]
+        label, xyz = data["label"], data["points"][:, :3]
+        for key in np.unique(label[n:] >> 16):
+            cur = np.flatnonzero(((label[:n] >> 16) == key))
+            old = n + np.flatnonzero((label[n:] >> 16) == key)
+            if len(cur) < 10 or len(old) < 10:
+                continue
+            moving = SPEC.moving_lut[label[cur[0]] & 0xFFFF]
+            d = np.median(nn_dist(xyz[old], xyz[cur]))
+            (moving_d if moving else static_d).append(d)
+            if moving:
+                moving_pose_only_shift.append(np.linalg.norm(xyz[old].mean(0) - xyz[cur].mean(0)))
+    assert static_d and moving_d, "the synthetic data should contain static and moving hard instances"
+    assert np.median(static_d) < 0.15
+    assert np.median(moving_d) < 0.3
+    assert np.median(moving_pose_only_shift) < 0.05  # centroids coincide after the offset
+
+
+def test_fusion_all_fuses_whole_previous_scans(small_dataset, tmp_path):
+    summary = run_prepare(small_dataset, tmp_path, PrepareConfig(FusionConfig(mode="all", k=2), frames_per_shard=8), sequences=("08",))
+    df, meta = read_manifest(RunDir(tmp_path).manifest)
+    n = df["n_single"].to_numpy()
+    expected = np.array([n[max(0, i - 2):i].sum() for i in range(len(n))])
+    assert np.array_equal(df["n_fused"].to_numpy(), expected)
+    assert meta["config"]["fusion"]["mode"] == "all" and summary["scans"] == 8
+
+
+def test_manifest_schema_and_content(small_dataset, prepared_run):
+    run, summary = prepared_run
+    table = pq.read_table(RunDir(run).manifest)
+    assert table.column_names == list(COLUMNS)
+    df, meta = read_manifest(RunDir(run).manifest)
+    assert meta["schema_version"] == MANIFEST_SCHEMA_VERSION and meta["config"]["fusion"]["k"] == 4
+    assert len(df) == 24 and summary["scans"] == 24
+    assert dict(df.groupby("sequence")["split"].first()) == {"00": "train", "08": "val", "11": "test"}
+    assert not df[df["sequence"] == "11"]["has_labels"].any() and (df[df["sequence"] == "11"]["n_fused"] == 0).all()
+    for _, row in df.iterrows():
+        assert row["n_single"] * 16 == sk.Sequence(small_dataset, row["sequence"]).scan_path(row["frame_name"]).stat().st_size
+    assert df["fingerprint"].str.len().eq(16).all() and df["fingerprint"].is_unique
+
+
+def test_interrupted_prepare_resumes_to_same_result(small_dataset, tmp_path, monkeypatch):
+    import m2skd.ragged as ragged
+
+    cfg = PrepareConfig(FusionConfig(), frames_per_shard=2)
+    run_prepare(small_dataset, tmp_path / "ref", cfg, sequences=("00",))
+
+    real_publish = ragged._publish
+    calls = {"n": 0}
+
+    class Killed(Exception):
+        pass
+
+    def killed_before_third_rename(tmp, path):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third shard is fully written under its temporary name, then we die
+            raise Killed()
+        return real_publish(tmp, path)
+
+    monkeypatch.setattr(ragged, "_publish", killed_before_third_rename)
+    with pytest.raises(Killed):
+        run_prepare(small_dataset, tmp_path / "run", cfg, sequences=("00",))
+    monkeypatch.setattr(ragged, "_publish", real_publish)
+    shards = RunDir(tmp_path / "run").shards / "00"
+    names = sorted(p.name for p in shards.iterdir())
+    assert names[:2] == ["000000-000001.zarr", "000002-000003.zarr"] and names[2].startswith("000004-000005.zarr.tmp-")
+    assert not RunDir(tmp_path / "run").manifest.exists()
+
+    resumed = run_prepare(small_dataset, tmp_path / "run", cfg, sequences=("00",))
+    assert resumed["shards_written"] == 2 and resumed["temporaries_removed"] == 1
+    ref_df, _ = read_manifest(RunDir(tmp_path / "ref").manifest)
+    got_df, _ = read_manifest(RunDir(tmp_path / "run").manifest)
+    assert ref_df.equals(got_df)
+    for name in ("000000-000001.zarr", "000004-000005.zarr", "000006-000007.zarr"):
+        a = RaggedReader(RunDir(tmp_path / "ref").shards / "00" / name)
+        b = RaggedReader(shards / name)
+        for i in range(len(a)):
+            for field, values in a.read(i).items():
+                assert np.array_equal(values, b.read(i)[field])
+
+
+def test_changed_config_is_refused(small_dataset, tmp_path):
+    run_prepare(small_dataset, tmp_path, PrepareConfig(FusionConfig(k=2), frames_per_shard=8), sequences=("08",))
+    with pytest.raises(StaleInputError, match="another configuration"):
+        run_prepare(small_dataset, tmp_path, PrepareConfig(FusionConfig(k=3), frames_per_shard=8), sequences=("08",))
+
+
+def test_icp_recovers_small_rigid_motion_and_rejects_garbage():
+    rng = np.random.default_rng(0)
+    target = np.concatenate([rng.uniform([-0.3, -0.9, 0], [0.3, 0.9, 1.1], (300, 3)) * [1, 1, 1]])
+    target = target[(np.abs(target[:, 0]) > 0.25) | (np.abs(target[:, 1]) > 0.8)]  # box surface-ish
+    a = np.radians(6)
+    R = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    source = (target - [0.08, -0.05, 0]) @ R.T
+    T, ok = icp_refine(source, target, FusionConfig(align="icp"))
+    assert ok
+    moved = source @ T[:3, :3].T + T[:3, 3]
+    assert np.median(nn_dist(moved, target)) < np.median(nn_dist(source, target)) * 0.5
+    _, ok = icp_refine(rng.uniform(-5, 5, (50, 3)) + 30, target, FusionConfig(align="icp"))
+    assert not ok
