@@ -234,6 +234,58 @@ def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, bac
     click.echo(f"reports in {out['out_dir']}")
 
 
+@main.command()
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, help="Everything lands here: data/ and run/.")
+@click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a training config key.")
+@friendly_errors
+def demo(out_dir, size, seed, backend, overrides):
+    """The whole method on a small synthetic dataset, ending in a comparison table."""
+    import time
+
+    from m2skd.train_config import parse_overrides
+    from pipeline.demo import run_demo
+
+    t0 = time.perf_counter()
+    bars = []
+
+    def progress_factory(name):
+        for bar in bars:
+            bar.close()
+        bars[:] = [Progress(name, unit="step" if name.startswith("train") else "scan")]
+        return bars[0]
+
+    result = run_demo(out_dir, size=size, seed=seed, backend=backend, overrides=parse_overrides(overrides),
+                      on_stage=lambda name: click.echo(f"== {name}", err=True), progress_factory=progress_factory)
+    for bar in bars:
+        bar.close()
+    click.echo(f"\nm2skd demo: {result['prepare']['scans']} synthetic scans, hard-class points per instance "
+               f"{result['prepare']['median_points_per_hard_instance_single']:.0f} (single) -> "
+               f"{result['prepare']['median_points_per_hard_instance_fused']:.0f} (fused, median)\n")
+    print_table(result["table"])
+    click.echo(f"\nreports in {result['out_dir']}; total {time.perf_counter() - t0:.0f} s")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="bench", show_default=True, help="Work files and bench-<machine>.json go here.")
+@click.option("--frames", default=16, show_default=True, help="Scans per synthetic sequence (train 00, val 08).")
+@click.option("--depth", type=click.Choice(["18", "34"]), default="34", show_default=True)
+@click.option("--repeats", default=2, show_default=True)
+@click.option("--gpu", is_flag=True, help="Time training rows on CUDA (torch fp32 and bf16; MinkowskiEngine if built with CUDA).")
+@click.option("--quick", is_flag=True, help="Smaller scans (32 beams): a smoke run, not the figures of record.")
+@friendly_errors
+def bench(out_dir, frames, depth, repeats, gpu, quick):
+    """Measure every stage against its baseline in one run; print one table, write JSON."""
+    from pipeline.bench import format_table, run_bench
+
+    result = run_bench(out_dir, frames=frames, depth=int(depth), repeats=repeats, gpu=gpu, quick=quick,
+                       announce=lambda msg: click.echo(f"== {msg}", err=True))
+    click.echo(format_table(result))
+    click.echo(f"\nwritten {result['path']}")
+
+
 def print_table(table) -> None:
     head = ["checkpoint", "miou", "hard_miou", "miou_present", "accuracy"]
     rest = [c for c in table.columns if c not in head]

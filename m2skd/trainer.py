@@ -3,12 +3,10 @@ optionally distilled from the teacher cache). Step-based, exactly resumable, DDP
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -193,23 +191,9 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     step = start_step
     for batch in loader:
         batch = to_device(batch, ctx.device)
-        with autocast(ctx.device, cfg.amp):
-            out = net(batch["coords"], batch["feats"])
-        logits = out.logits.float()
-        total, seg_parts = segmentation_loss(logits, batch["label"], lovasz_weight=cfg.lovasz_weight)
-        logs = {"ce": seg_parts["ce"], "lovasz": seg_parts["lovasz"]}
-        if distill:
-            total = total + distill_terms(cfg, out, batch, adapter, logs, seed=cfg.seed * 1_000_003 + step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        logs = training_step(net, batch, cfg, optimizer, scheduler, scaler, params, ctx.device,
+                             adapter if distill else None, seed=cfg.seed * 1_000_003 + step)
         step += 1
-        logs = {"loss": float(total.detach()), **{k: float(v) for k, v in logs.items()}, "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0]}
         if writer and (step % cfg.log_every == 0 or step == cfg.steps):
             for key, value in logs.items():
                 writer.add_scalar(f"train/{key}", value, step)
@@ -233,6 +217,28 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         result["checkpoint_fingerprint"] = file_fingerprint(final)
         write_json_atomic(out_dir / "train.json", result)
     return result
+
+
+def training_step(net, batch: dict, cfg: TrainConfig, optimizer, scheduler, scaler, params, device, adapter=None, seed: int = 0) -> dict:
+    """One optimisation step; with `adapter` (a student with a teacher cache) the distillation
+    terms are added. Returns the loss terms as floats for logging."""
+    with autocast(device, cfg.amp):
+        out = net(batch["coords"], batch["feats"])
+    logits = out.logits.float()
+    total, seg_parts = segmentation_loss(logits, batch["label"], lovasz_weight=cfg.lovasz_weight)
+    logs = {"ce": seg_parts["ce"], "lovasz": seg_parts["lovasz"]}
+    if adapter is not None:
+        total = total + distill_terms(cfg, out, batch, adapter, logs, seed)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in logs.items()}, "grad_norm": float(grad_norm),
+            "lr": optimizer.param_groups[0]["lr"]}
 
 
 def distill_terms(cfg: TrainConfig, out, batch: dict, adapter, logs: dict, seed: int) -> torch.Tensor:

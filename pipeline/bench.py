@@ -1,0 +1,333 @@
+"""`m2skd bench`: every stage against its baseline, measured side by side in one run.
+
+Builds a synthetic dataset of realistic size (64 x 2048 simulated LiDAR, about 120k points
+per scan), then times prepare (against bare I/O), the training input pipeline, train steps
+(baseline, distilled from the cache, online teacher) per backend, the sparse backbone per
+backend, the teacher-cache encodings (bytes per point and KL error), and eval throughput.
+Budgets are checked as ratios from this one run; results go to bench-<machine>.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m2skd import semantickitti as sk
+from m2skd.dataset import ScanDataset, collate, to_device
+from m2skd.fusion import FusionConfig
+from m2skd.losses import FeatureAdapter
+from m2skd.models import build_model, count_parameters
+from m2skd.models.me_compat import minkowski_available
+from m2skd.ragged import dir_bytes, write_json_atomic, write_ragged
+from m2skd.rundir import RunDir
+from m2skd.synth import SynthConfig, generate_dataset
+from m2skd.teacher_cache import FEATURE_ENCODINGS, LOGIT_ENCODINGS, decode_features, decode_logits, encode_features, encode_logits, kl_error
+from m2skd.train_config import load_config
+from m2skd.trainer import spec_for_run, train, training_step
+from m2skd.transforms import AugmentConfig
+
+from .cache_teacher import CacheConfig, run_cache, teacher_outputs
+from .evaluate import run_eval
+from .prepare import PrepareConfig, run_prepare
+
+BUDGETS = {
+    "distilled_vs_baseline_step": ("<=", 1.15),
+    "online_vs_baseline_step": (">=", 1.8),
+    "prepare_vs_io_rate": (">=", 0.5),
+    "torch_vs_minkowski_backbone": ("<=", 2.0),
+}
+
+
+def timed(fn, repeats: int, warmup: int = 1, sync=None) -> float:
+    """Median wall seconds of fn() over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_name() -> str:
+    gpu = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
+    return f"{platform.node()}-{os.cpu_count()}cores-{gpu}"
+
+
+# --- prepare ------------------------------------------------------------------------------
+
+def io_only_rate(data: Path, sequences, out_bytes: int, scratch: Path) -> float:
+    """Scans/s for reading every input .bin/.label once and writing `out_bytes`."""
+    files = []
+    for name in sequences:
+        seq = sk.Sequence(data, name)
+        for frame in seq.frames:
+            files += [seq.scan_path(frame), seq.label_path(frame)]
+    n_scans = len(files) // 2
+    t0 = time.perf_counter()
+    total = sum(len(f.read_bytes()) for f in files)
+    block = np.zeros(1 << 24, np.uint8)
+    with open(scratch / "io_probe.bin", "wb") as fh:
+        left = out_bytes
+        while left > 0:
+            fh.write(block[: min(left, block.size)].data)
+            left -= block.size
+    seconds = time.perf_counter() - t0
+    (scratch / "io_probe.bin").unlink()
+    return n_scans / seconds if total else 0.0
+
+
+def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
+    rates = {}
+    for jobs in sorted({1, cores}):
+        run = work / f"prep_j{jobs}"
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        summary = run_prepare(data, run, PrepareConfig(FusionConfig(k=4), frames_per_shard=8), jobs=jobs, sequences=sequences)
+        rates[jobs] = summary["scans"] / (time.perf_counter() - t0)
+    io = io_only_rate(data, sequences, summary["shard_bytes"], work)
+    return {"scans_per_s_1job": rates[1], "scans_per_s_all": rates[cores], "jobs_all": cores, "io_only_scans_per_s": io,
+            "prepare_vs_io_rate": rates[cores] / io, "bytes_per_single_point": summary["bytes_per_single_point"],
+            "median_points_per_hard_instance_single": summary["median_points_per_hard_instance_single"],
+            "median_points_per_hard_instance_fused": summary["median_points_per_hard_instance_fused"], "run": str(run)}
+
+
+# --- teacher cache encodings --------------------------------------------------------------
+
+def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float) -> list[dict]:
+    """Bytes per single-scan point (compressed, as stored) and KL(exact || stored) per encoding."""
+    from m2skd.manifest import read_manifest
+    from m2skd.ragged import RaggedReader
+    from m2skd.trainer import load_checkpoint
+
+    spec = spec_for_run(RunDir(run))
+    model, ckpt = load_checkpoint(teacher_ckpt, "torch")
+    model.eval()
+    df, _ = read_manifest(RunDir(run).manifest)
+    rows = df[df["split"] == "train"].head(scans)
+    logits, feats = [], []
+    for _, row in rows.iterrows():
+        data = RaggedReader(RunDir(run).prepare / row["shard"]).read(int(row["shard_index"]))
+        lg, ft = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], "dec4", "cpu")
+        n = int(row["n_single"])
+        raw = data["label"][:n]
+        hard = spec.hard_mask[spec.learning_lut[raw & 0xFFFF]] & ((raw >> 16) > 0)
+        logits.append(lg[:n])
+        feats.append(ft[:n][hard])
+    n_points = sum(len(x) for x in logits)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for enc in LOGIT_ENCODINGS:
+            encoded = [encode_logits(x, enc) for x in logits]
+            nbytes = write_ragged(Path(tmp) / enc, {k: [e[k] for e in encoded] for k in encoded[0]}, {})
+            kl = np.average([kl_error(x, decode_logits(e, spec.num_classes), temperature) for x, e in zip(logits, encoded)],
+                            weights=[len(x) for x in logits])
+            out.append({"kind": "logits", "encoding": enc, "bytes_per_point": nbytes / n_points, "kl_nats": float(kl)})
+        for enc in FEATURE_ENCODINGS:
+            encoded = [encode_features(x, enc) for x in feats]
+            nbytes = write_ragged(Path(tmp) / f"f_{enc}", {k: [e[k] for e in encoded] for k in encoded[0]}, {})
+            exact = np.concatenate(feats)
+            got = np.concatenate([decode_features(e) for e in encoded])
+            rel = float(((got - exact) ** 2).sum() / max((exact ** 2).sum(), 1e-12))
+            out.append({"kind": "features", "encoding": enc, "bytes_per_point": nbytes / n_points, "relative_mse": rel,
+                        "hard_points_fraction": len(exact) / n_points})
+    return out
+
+
+# --- input pipeline and train steps -------------------------------------------------------
+
+def bench_loader(run: Path, samples: int) -> dict:
+    spec = spec_for_run(RunDir(run))
+    ds = ScanDataset(run, spec, ("train",), "single", 0.05, AugmentConfig(), seed=0, with_cache=True)
+    n = min(samples, len(ds))
+    ds[0]
+    t0 = time.perf_counter()
+    for i in range(n):
+        collate([ds[(i, 0)]])
+    return {"scans_per_s_per_worker": n / (time.perf_counter() - t0), "scans": n}
+
+
+def bench_train_steps(run: Path, backend: str, depth: int, repeats: int, device: torch.device, amp: str = "none") -> dict:
+    """Baseline, distilled-from-cache and online-teacher steps on the same batch of one scan."""
+    spec = spec_for_run(RunDir(run))
+    cfg = dataclasses.replace(load_config("semantickitti"), depth=depth, backend=backend, amp=amp, batch_size=1)
+    single = ScanDataset(run, spec, ("train",), "single", cfg.voxel_size, AugmentConfig(), with_cache=True)
+    fused = ScanDataset(run, spec, ("train",), "fused", cfg.voxel_size, AugmentConfig())
+    batch = to_device(collate([single[(0, 0)]]), device)
+    fused_batch = to_device(collate([fused[(0, 0)]]), device)
+    torch.manual_seed(0)
+    student = build_model(4, spec.num_classes, depth, cfg.widths, cfg.stem_width, backend).to(device).train()
+    teacher = build_model(4, spec.num_classes, depth, cfg.widths, cfg.stem_width, backend).to(device).eval()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    def stepper(teacher_width: int | None):
+        """A step function with its own adapter/optimiser (the cached and online teachers differ in width)."""
+        adapter = FeatureAdapter(student.feature_channels["dec4"], teacher_width).to(device) if teacher_width else None
+        params = list(student.parameters()) + (list(adapter.parameters()) if adapter else [])
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        return lambda b: training_step(student, b, cfg, optimizer, None, scaler, params, device, adapter)
+
+    plain_step = stepper(None)
+    cached_step = stepper(batch["teacher_feats"].shape[1])
+    online_step = stepper(teacher.feature_channels["dec4"])
+    n_single = int(batch["n_single"][0])
+
+    def online():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            out = teacher(fused_batch["coords"], fused_batch["feats"])
+        targets = dict(batch, teacher_logits=out.logits[:n_single].float(),
+                       teacher_feats=out.features["dec4"][:n_single][batch["teacher_feat_index"]].float())
+        online_step(targets)
+
+    baseline = timed(lambda: plain_step(batch), repeats, sync=sync)
+    distilled = timed(lambda: cached_step(batch), repeats, sync=sync)
+    online_s = timed(online, repeats, sync=sync)
+    return {"backend": student.backend, "amp": amp, "depth": depth, "points": int(batch["coords"].shape[0]),
+            "fused_points": int(fused_batch["coords"].shape[0]), "params": count_parameters(student),
+            "baseline_s": baseline, "distilled_s": distilled, "online_s": online_s,
+            "distilled_vs_baseline_step": distilled / baseline, "online_vs_baseline_step": online_s / baseline,
+            "train_scans_per_s": 1.0 / distilled}
+
+
+def bench_backbone(run: Path, backend: str, depth: int, repeats: int, device: torch.device, amp: str = "none") -> dict:
+    """Forward+backward of the network alone on one single scan (no data, no optimiser)."""
+    spec = spec_for_run(RunDir(run))
+    cfg = load_config("semantickitti")
+    ds = ScanDataset(run, spec, ("train",), "single", cfg.voxel_size, None)
+    batch = to_device(collate([ds[0]]), device)
+    torch.manual_seed(0)
+    model = build_model(4, spec.num_classes, depth, cfg.widths, cfg.stem_width, backend).to(device).train()
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    def fwd_bwd():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits = model(batch["coords"], batch["feats"]).logits
+        torch.nn.functional.cross_entropy(logits.float(), batch["label"]).backward()
+        model.zero_grad(set_to_none=True)
+
+    return {"backend": model.backend, "amp": amp, "depth": depth, "seconds": timed(fwd_bwd, repeats, sync=sync),
+            "points": int(batch["coords"].shape[0]), "params": count_parameters(model)}
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+def run_bench(out_dir, frames: int = 16, depth: int = 34, repeats: int = 2, gpu: bool = False, quick: bool = False,
+              announce=None) -> dict:
+    announce = announce or (lambda msg: None)
+    out_dir = Path(out_dir)
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu and not torch.cuda.is_available():
+        raise RuntimeError("--gpu: no CUDA device visible to PyTorch")
+    cores = os.cpu_count() or 1
+    data = work / "data"
+    synth_cfg = SynthConfig() if not quick else SynthConfig(beams=32, azimuth_steps=1024)
+    result: dict = {"machine": machine_name(), "torch": torch.__version__, "device": str(device), "frames": frames,
+                    "minkowski": minkowski_available()}
+    announce("synth")
+    t0 = time.perf_counter()
+    summary = generate_dataset(data, sequences=("00", "08"), frames=frames, seed=0, config=synth_cfg, jobs=cores)
+    result["synth"] = {"seconds_per_scan": (time.perf_counter() - t0) / (2 * frames), "points_per_scan": summary["points_per_scan_mean"]}
+
+    announce("prepare")
+    result["prepare"] = bench_prepare(data, work, ("00", "08"), cores)
+    run = Path(result["prepare"]["run"])
+
+    announce("teacher (a few steps, for cache and loader rows)")
+    tiny = dataclasses.replace(load_config("demo"), steps=3, voxel_size=0.05, workers=0, val_every=10**9, checkpoint_every=10**9, backend="torch")
+    teacher = train(run, "teacher", tiny, overwrite=True)
+    run_cache(run, teacher["checkpoint"], CacheConfig(backend="torch", threads_per_job=cores), overwrite=True)
+    announce("cache encodings")
+    result["cache_encodings"] = bench_encodings(run, teacher["checkpoint"], scans=4, temperature=tiny.temperature)
+    announce("input pipeline")
+    result["loader"] = bench_loader(run, samples=min(8, frames))
+
+    backends = ["torch"] + (["minkowski"] if minkowski_available() and (not gpu or _minkowski_cuda()) else [])
+    amps = ["none", "bf16"] if gpu else ["none"]
+    result["train_step"], result["backbone"] = [], []
+    for backend in backends:
+        for amp in amps if backend == "torch" else ["none"]:
+            announce(f"train steps: {backend} {amp}")
+            result["train_step"].append(bench_train_steps(run, backend, depth, repeats, device, amp))
+            announce(f"backbone: {backend} {amp}")
+            result["backbone"].append(bench_backbone(run, backend, depth, repeats, device, amp))
+
+    announce("eval")
+    ckpt = work / "eval_model.pt"
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(load_config("semantickitti"), depth=depth)
+    model = build_model(4, 20, depth, cfg.widths, cfg.stem_width, "auto")
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": 20, "record": {"role": "bench"}}, ckpt)
+    ev = run_eval([ckpt], split="val", data_root=data, out_dir=work / "eval", device=str(device), workers=min(2, cores), max_scans=4)
+    result["eval"] = {"points_per_s": ev["results"]["eval_model"]["points_per_second"], "backend": model.backend}
+
+    result["budgets"] = check_budgets(result)
+    path = out_dir / f"bench-{result['machine']}.json"
+    write_json_atomic(path, result)
+    result["path"] = str(path)
+    return result
+
+
+def _minkowski_cuda() -> bool:
+    from m2skd.models.me_compat import import_minkowski
+
+    return bool(getattr(import_minkowski(), "is_cuda_available", lambda: False)())
+
+
+def check_budgets(result: dict) -> list[dict]:
+    ratios = {"prepare_vs_io_rate": result["prepare"]["prepare_vs_io_rate"]}
+    fp32 = [r for r in result["train_step"] if r["amp"] == "none"]
+    for r in fp32:
+        ratios[f"distilled_vs_baseline_step[{r['backend']}]"] = r["distilled_vs_baseline_step"]
+        ratios[f"online_vs_baseline_step[{r['backend']}]"] = r["online_vs_baseline_step"]
+    bb = {r["backend"]: r["seconds"] for r in result["backbone"] if r["amp"] == "none"}
+    if "minkowski" in bb:
+        ratios["torch_vs_minkowski_backbone"] = bb["torch"] / bb["minkowski"]
+    out = []
+    for name, value in ratios.items():
+        op, bound = BUDGETS[name.split("[")[0]]
+        ok = value <= bound if op == "<=" else value >= bound
+        out.append({"ratio": name, "value": value, "budget": f"{op} {bound}", "ok": bool(ok)})
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = [f"m2skd bench on {result['machine']} (torch {result['torch']}, device {result['device']})", ""]
+    p = result["prepare"]
+    lines += [
+        f"synth                     {result['synth']['seconds_per_scan']:.3f} s/scan, {result['synth']['points_per_scan']:.0f} points/scan",
+        f"prepare (k=4)             {p['scans_per_s_1job']:.2f} scans/s @1 job, {p['scans_per_s_all']:.2f} @{p['jobs_all']} jobs; "
+        f"I/O only {p['io_only_scans_per_s']:.1f} scans/s -> ratio {p['prepare_vs_io_rate']:.2f}",
+        f"shard bytes/single point  {p['bytes_per_single_point']:.2f} (raw .bin+.label: 20)",
+        f"hard instance points      median {p['median_points_per_hard_instance_single']:.0f} single -> {p['median_points_per_hard_instance_fused']:.0f} fused",
+        f"input pipeline            {result['loader']['scans_per_s_per_worker']:.2f} scans/s per worker (read, augment, voxelise, cached targets)",
+    ]
+    for r in result["train_step"]:
+        lines.append(f"train step {r['backend']:<9} {r['amp']:<4} MinkUNet{r['depth']}: baseline {r['baseline_s']:.2f} s, "
+                     f"distilled {r['distilled_s']:.2f} s (x{r['distilled_vs_baseline_step']:.2f}), online teacher {r['online_s']:.2f} s "
+                     f"(x{r['online_vs_baseline_step']:.2f}); {r['points']} points")
+    for r in result["backbone"]:
+        lines.append(f"backbone {r['backend']:<11} {r['amp']:<4} fwd+bwd {r['seconds']:.2f} s/scan ({r['params'] / 1e6:.1f} M params)")
+    for r in result["cache_encodings"]:
+        err = f"KL {r['kl_nats']:.2e} nats" if r["kind"] == "logits" else f"rel. MSE {r['relative_mse']:.2e}"
+        lines.append(f"cache {r['kind']:<8} {r['encoding']:<5} {r['bytes_per_point']:.2f} B/point, {err}")
+    lines.append(f"eval                      {result['eval']['points_per_s']:.0f} points/s ({result['eval']['backend']})")
+    lines += ["", "budgets (ratios from this run):"]
+    for b in result["budgets"]:
+        lines.append(f"  {b['ratio']:<45} {b['value']:.2f}  budget {b['budget']:<7} {'ok' if b['ok'] else 'MISSED'}")
+    return "\n".join(lines)

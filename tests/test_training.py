@@ -1,0 +1,104 @@
+"""Trainer, teacher cache and student input pipeline on tiny synthetic data (torch backend)."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from m2skd.dataset import ScanDataset, collate
+from m2skd.errors import StaleInputError
+from m2skd.manifest import read_manifest
+from m2skd.ragged import RaggedReader
+from m2skd.rundir import RunDir
+from m2skd.teacher_cache import decode_features, decode_logits
+from m2skd.train_config import TrainConfig
+from m2skd.trainer import load_checkpoint, spec_for_run, train
+from m2skd.transforms import AugmentConfig
+from pipeline.cache_teacher import CacheConfig, run_cache, teacher_outputs
+
+TINY = TrainConfig(depth=18, widths=(8, 16, 16, 16, 16, 16, 12, 12), stem_width=8, backend="torch", voxel_size=0.4,
+                   steps=4, batch_size=2, lr=0.01, workers=0, checkpoint_every=2, val_every=1000, val_max_scans=2, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(prepared_run):
+    run, _ = prepared_run
+    result = train(run, "teacher", TINY, name="teacher", overwrite=True)
+    cache = run_cache(run, result["checkpoint"], CacheConfig(backend="torch", logit_encoding="fp16", feature_encoding="fp16"))
+    return run, result, cache
+
+
+def test_cached_targets_equal_a_fresh_teacher_forward(teacher_run):
+    run, result, cache = teacher_run
+    assert cache["kl_stored_vs_exact"] < 1e-4
+    model, ckpt = load_checkpoint(result["checkpoint"], backend="torch")
+    model.eval()
+    df, _ = read_manifest(RunDir(run).manifest)
+    row = df[df["split"] == "train"].iloc[5]
+    shard = RaggedReader(RunDir(run).prepare / row["shard"])
+    cached = RaggedReader(RunDir(run).teacher_cache / row["shard"])
+    points = shard.read(int(row["shard_index"]))["points"]
+    logits, feats = teacher_outputs(model, points, ckpt["config"]["voxel_size"], "dec4", "cpu")
+    n = int(row["n_single"])
+    stored = decode_logits(cached.read(int(row["shard_index"])), 20)
+    assert stored.shape == (n, 20)
+    np.testing.assert_allclose(stored, logits[:n], rtol=2e-3, atol=2e-3)
+    hard = cached.read(int(row["shard_index"]), rowset="hard")
+    assert len(hard["point_index"]) > 0
+    np.testing.assert_allclose(decode_features(hard), feats[hard["point_index"]], rtol=2e-3, atol=2e-3)
+
+
+def test_augmentation_keeps_targets_on_their_points(teacher_run):
+    run, _, _ = teacher_run
+    spec = spec_for_run(RunDir(run))
+    plain = ScanDataset(run, spec, ("train",), "single", 0.4, None, seed=1, with_cache=True)
+    aug = ScanDataset(run, spec, ("train",), "single", 0.4, AugmentConfig(jitter_std=0.0), seed=1, with_cache=True)
+    a, b = plain[3], aug[(3, 0)]
+    for key in ("label", "instance", "teacher_logits", "teacher_feats", "teacher_feat_index"):
+        assert np.array_equal(a[key], b[key])
+    # each point moved by one similarity transform: fit it and check the per-point residual
+    xa, xb = a["feats"][:, :3].astype(np.float64), b["feats"][:, :3].astype(np.float64)
+    M, *_ = np.linalg.lstsq(xa, xb, rcond=None)
+    assert not np.allclose(xa, xb)
+    assert np.abs(xa @ M - xb).max() < 1e-3
+    batch = collate([a, b])
+    assert batch["teacher_logits"].shape[0] == batch["coords"].shape[0]
+    assert (batch["teacher_feat_index"][len(a["teacher_feat_index"]):] >= len(a["label"])).all()
+
+
+def test_resume_equals_uninterrupted_run(teacher_run):
+    run, _, _ = teacher_run
+    cfg = dataclasses.replace(TINY, steps=4, checkpoint_every=2)
+    full = train(run, "student", cfg, name="full", overwrite=True)
+    part = train(run, "student", cfg, name="part", overwrite=True, stop_after=2)
+    assert part["steps_done"] == 2 and part["checkpoint"] is None
+    with pytest.raises(StaleInputError, match="--resume"):
+        train(run, "student", cfg, name="part")
+    resumed = train(run, "student", cfg, name="part", resume=True)
+    assert resumed["steps_done"] == 4
+    a = torch.load(full["checkpoint"], weights_only=False)["model"]
+    b = torch.load(resumed["checkpoint"], weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_short_training_lowers_the_loss(teacher_run):
+    run, _, _ = teacher_run
+    losses = []
+    cfg = dataclasses.replace(TINY, steps=30, checkpoint_every=1000, rotate=False, flip=False, lr=0.02)
+    train(run, "student", cfg, name="short", overwrite=True, callback=lambda step, total, logs: losses.append(logs))
+    assert len(losses) == 30 and all(np.isfinite(l["loss"]) for l in losses)
+    assert all(l["kd"] > 0 and l["affinity"] >= 0 for l in losses)
+    first, last = np.mean([l["loss"] for l in losses[:5]]), np.mean([l["loss"] for l in losses[-5:]])
+    assert last < 0.8 * first, (first, last)
+
+
+def test_cache_refuses_mismatched_teacher(teacher_run, tmp_path):
+    run, result, _ = teacher_run
+    ckpt = torch.load(result["checkpoint"], weights_only=False)
+    ckpt["record"]["manifest_fingerprint"] = "0123456789abcdef"
+    bad = tmp_path / "stale.pt"
+    torch.save(ckpt, bad)
+    with pytest.raises(StaleInputError, match="trained on other shards"):
+        run_cache(run, bad, CacheConfig(backend="torch"))
