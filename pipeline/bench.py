@@ -215,7 +215,7 @@ def bench_backbone(run: Path, backend: str, depth: int, repeats: int, device: to
 
     def fwd_bwd():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits = model(batch["coords"], batch["feats"]).logits
+            logits = model(batch["coords"], batch["feats"], feature_names=()).logits
         torch.nn.functional.cross_entropy(logits.float(), batch["label"]).backward()
         model.zero_grad(set_to_none=True)
 

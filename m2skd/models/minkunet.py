@@ -1,0 +1,191 @@
+"""MinkUNet-style sparse 3D U-Net with per-point outputs, on either sparse backend.
+
+Layout (as MinkUNet18/34 and torchsparse's MinkUNet): a stem of two 3^3 convs at stride 1;
+four down stages (stride-2 conv with kernel 2, then residual BasicBlocks); four up stages
+(transposed stride-2 conv with kernel 2 onto the stored finer sites, concatenation of the skip
+at that stride, BasicBlocks); a linear classifier. Points sharing a voxel are averaged into it
+and every point receives its voxel's outputs back, in input order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import Tensor, nn
+
+from .layers import (
+    BACKENDS,
+    SparseBatchNorm,
+    SparseConv,
+    SparseConvTranspose,
+    SparseFeatures,
+    SparseReLU,
+    sparse_add,
+    sparse_cat,
+    voxelize,
+)
+from .me_compat import minkowski_available
+
+DEPTHS = {18: (2, 2, 2, 2, 2, 2, 2, 2), 34: (2, 3, 4, 6, 2, 2, 2, 2)}
+DEFAULT_WIDTHS = (32, 64, 128, 256, 256, 128, 96, 96)
+FEATURE_NAMES = ("dec1", "dec2", "dec3", "dec4")
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """'auto' -> 'minkowski' when MinkowskiEngine imports, else 'torch'; validates names."""
+    if name == "auto":
+        return "minkowski" if minkowski_available() else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown sparse backend {name!r}; choose from {BACKENDS + ('auto',)}")
+    if name == "minkowski":
+        from .me_compat import import_minkowski
+
+        import_minkowski()  # raises ImportError with the reason
+    return name
+
+
+@dataclass
+class SegmentationOutput:
+    logits: Tensor  # (N, num_classes), one row per input point, input order
+    features: dict[str, Tensor]  # name -> (N, C) per-point decoder features
+
+
+class ConvBNReLU(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 bn_momentum: float = 0.1):
+        super().__init__()
+        self.conv = SparseConv(in_channels, out_channels, kernel_size, stride)
+        self.norm = SparseBatchNorm(out_channels, momentum=bn_momentum)
+        self.act = SparseReLU()
+
+    def forward(self, x: SparseFeatures) -> SparseFeatures:
+        return self.act(self.norm(self.conv(x)))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block on sparse sites; a 1x1 conv + BN projects the shortcut if widths differ."""
+
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float = 0.1):
+        super().__init__()
+        self.conv1 = SparseConv(in_channels, out_channels, 3)
+        self.norm1 = SparseBatchNorm(out_channels, momentum=bn_momentum)
+        self.conv2 = SparseConv(out_channels, out_channels, 3)
+        self.norm2 = SparseBatchNorm(out_channels, momentum=bn_momentum)
+        self.act = SparseReLU()
+        self.downsample = None
+        if in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                SparseConv(in_channels, out_channels, 1), SparseBatchNorm(out_channels, momentum=bn_momentum)
+            )
+
+    def forward(self, x: SparseFeatures) -> SparseFeatures:
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act(sparse_add(out, shortcut))
+
+
+def _blocks(in_channels: int, out_channels: int, count: int, bn_momentum: float) -> list[nn.Module]:
+    return [BasicBlock(in_channels if i == 0 else out_channels, out_channels, bn_momentum) for i in range(count)]
+
+
+class UpStage(nn.Module):
+    """Transposed conv onto the skip's sites, concatenate the skip, residual blocks."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, count: int,
+                 bn_momentum: float = 0.1):
+        super().__init__()
+        self.deconv = SparseConvTranspose(in_channels, out_channels, kernel_size=2, stride=2)
+        self.norm = SparseBatchNorm(out_channels, momentum=bn_momentum)
+        self.act = SparseReLU()
+        self.blocks = nn.Sequential(*_blocks(out_channels + skip_channels, out_channels, count, bn_momentum))
+
+    def forward(self, x: SparseFeatures, skip: SparseFeatures) -> SparseFeatures:
+        up = self.act(self.norm(self.deconv(x, skip)))
+        return self.blocks(sparse_cat(up, skip))
+
+
+class MinkUNet(nn.Module):
+    """Sparse U-Net; ``forward(coords, feats)`` returns per-point logits and decoder features."""
+
+    def __init__(self, in_channels: int, num_classes: int, blocks: Sequence[int] = DEPTHS[34],
+                 widths: Sequence[int] = DEFAULT_WIDTHS, stem_width: int = 32, backend: str = "auto",
+                 bn_momentum: float = 0.1):
+        super().__init__()
+        if len(blocks) != 8 or len(widths) != 8:
+            raise ValueError("blocks and widths need 8 entries (4 down stages, 4 up stages)")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.blocks_per_stage = tuple(blocks)
+        self.widths = tuple(widths)
+        self.stem_width = stem_width
+        self._backend = resolve_backend(backend)
+
+        self.stem = nn.Sequential(
+            ConvBNReLU(in_channels, stem_width, 3, bn_momentum=bn_momentum),
+            ConvBNReLU(stem_width, stem_width, 3, bn_momentum=bn_momentum),
+        )
+        encoder_widths = [stem_width] + list(widths[:4])
+        self.down = nn.ModuleList(
+            nn.Sequential(
+                ConvBNReLU(encoder_widths[i], encoder_widths[i], kernel_size=2, stride=2, bn_momentum=bn_momentum),
+                *_blocks(encoder_widths[i], widths[i], blocks[i], bn_momentum),
+            )
+            for i in range(4)
+        )
+        self.up = nn.ModuleList()
+        previous = widths[3]
+        for j in range(4):
+            skip = encoder_widths[3 - j]
+            self.up.append(UpStage(previous, skip, widths[4 + j], blocks[4 + j], bn_momentum))
+            previous = widths[4 + j]
+        self.classifier = nn.Linear(widths[7], num_classes)
+        self.feature_channels = {name: widths[4 + j] for j, name in enumerate(FEATURE_NAMES)}
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def set_backend(self, name: str) -> "MinkUNet":
+        """Switch the sparse engine in place; parameters and buffers are untouched."""
+        self._backend = resolve_backend(name)
+        return self
+
+    def forward(self, coords: Tensor, feats: Tensor, feature_names: Sequence[str] | None = None) -> SegmentationOutput:
+        """coords: (N, 4) int [batch, vx, vy, vz] voxel indices per point; feats: (N, in_channels).
+
+        ``feature_names`` limits which per-point decoder features are sliced (default: all),
+        since slicing every stage costs N x (sum of decoder widths) memory.
+        """
+        x, points = voxelize(coords, feats, self._backend)
+        x = self.stem(x)
+        skips = [x]
+        for stage in self.down:
+            x = stage(x)
+            skips.append(x)
+        skips.pop()
+        decoded = {}
+        for name, stage in zip(FEATURE_NAMES, self.up):
+            x = stage(x, skips.pop())
+            decoded[name] = x
+        logits = points.slice(x.with_features(self.classifier(x.features)))
+        wanted = FEATURE_NAMES if feature_names is None else tuple(feature_names)
+        unknown = set(wanted) - set(FEATURE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown feature names {sorted(unknown)}; available: {FEATURE_NAMES}")
+        return SegmentationOutput(logits, {name: points.slice(decoded[name]) for name in wanted})
+
+
+def build_model(in_channels: int = 4, num_classes: int = 20, depth: int = 34,
+                widths: Sequence[int] = DEFAULT_WIDTHS, stem_width: int = 32, backend: str = "auto",
+                blocks: Sequence[int] | None = None, bn_momentum: float = 0.1) -> MinkUNet:
+    """MinkUNet18 or MinkUNet34 (``depth``), or custom per-stage ``blocks``."""
+    if blocks is None:
+        if depth not in DEPTHS:
+            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+        blocks = DEPTHS[depth]
+    return MinkUNet(in_channels, num_classes, blocks, widths, stem_width, backend, bn_momentum)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
