@@ -35,6 +35,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   fi
 fi
 VPY="$VENV/bin/python"
+export PATH="$VENV/bin:$PATH"  # ninja from the venv for the MinkowskiEngine build
 "$VPY" -m pip install -q --upgrade pip setuptools wheel ninja >&2
 
 if ! "$VPY" -c "import torch" 2>/dev/null; then
