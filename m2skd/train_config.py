@@ -61,20 +61,24 @@ class TrainConfig:
 
 
 def _coerce(name: str, value, current):
+    optional = "None" in str(_FIELD_TYPES[name])
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
     if isinstance(current, bool):
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
     if isinstance(current, tuple):
         items = value if isinstance(value, (list, tuple)) else str(value).split(",")
         kind = type(current[0]) if current else str
         return tuple(kind(v) for v in items)
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
-        return None
-    if current is None:
+    if current is None:  # an optional field currently unset
         try:
             return int(value)
         except (TypeError, ValueError):
             return value
     return type(current)(value)
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -137,6 +137,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         "manifest_fingerprint": train_set.manifest_fingerprint, "distill": distill,
         "cache_fingerprint": cache_record.get("cache_fingerprint") if cache_record else None,
     }
+    topology = {"world_size": ctx.world, "device": str(ctx.device), "backend": model.backend}
     last = out_dir / "checkpoints" / "last.pt"
     start_step = 0
     history: list[dict] = []
@@ -208,7 +209,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     if writer:
         writer.close()
     seconds = time.perf_counter() - t_start
-    result = {**record, "steps_done": step, "seconds": seconds, "history": history, "checkpoint": None}
+    result = {**record, **topology, "steps_done": step, "seconds": seconds, "history": history, "checkpoint": None}
     if step == cfg.steps and ctx.main:
         final = out_dir / "model.pt"
         save_atomic({"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": spec.num_classes,
@@ -216,6 +217,8 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         result["checkpoint"] = str(final)
         result["checkpoint_fingerprint"] = file_fingerprint(final)
         write_json_atomic(out_dir / "train.json", result)
+    if ctx.world > 1:
+        dist.barrier()
     return result
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,13 +31,18 @@ def build_flavour() -> tuple[str, bool]:
 
 
 def fetch_sdist(version: str, dest: Path) -> Path:
-    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/MinkowskiEngine/{version}/json", timeout=60))
-    (sdist,) = [u for u in meta["urls"] if u["packagetype"] == "sdist"]
-    path = dest / sdist["filename"]
-    log(f"downloading {sdist['url']}")
-    with urllib.request.urlopen(sdist["url"], timeout=300) as r:
+    """The sdist from PyPI's simple index (the registry API that pip itself uses), hash-checked."""
+    index = urllib.request.urlopen("https://pypi.org/simple/minkowskiengine/", timeout=60).read().decode()
+    name = f"MinkowskiEngine-{version}.tar.gz"
+    match = re.search(r'href="([^"#]*/' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', index)
+    if not match:
+        raise SystemExit(f"{name} not found on PyPI's simple index")
+    url, sha256 = match.groups()
+    path = dest / name
+    log(f"downloading {url}")
+    with urllib.request.urlopen(url, timeout=300) as r:
         path.write_bytes(r.read())
-    if hashlib.sha256(path.read_bytes()).hexdigest() != sdist["digests"]["sha256"]:
+    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
         raise SystemExit(f"{path}: sha256 does not match PyPI's")
     return path
 

@@ -102,3 +102,33 @@ def test_cache_refuses_mismatched_teacher(teacher_run, tmp_path):
     torch.save(ckpt, bad)
     with pytest.raises(StaleInputError, match="trained on other shards"):
         run_cache(run, bad, CacheConfig(backend="torch"))
+
+
+def test_torchrun_ddp_on_cpu(teacher_run, tmp_path):
+    """Two gloo ranks through torchrun: DDP wraps the model and the run finishes with a checkpoint."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    run, _, _ = teacher_run
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(TINY).items()}
+    cfg.update(steps=2, batch_size=1)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
+           "train-student", str(run), "--config", str(tmp_path / "tiny.yaml"), "--name", "ddp", "--overwrite", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run / "ddp" / "train.json").read_text())
+    assert record["world_size"] == 2 and record["steps_done"] == 2 and record["checkpoint"]
+
+
+def test_config_file_and_overrides(tmp_path):
+    from m2skd.train_config import load_config, parse_overrides
+
+    cfg = load_config("demo", parse_overrides(["steps=7", "amp=none", "val_max_scans=none", "widths=8,8,8,8,8,8,8,8", "flip=false"]))
+    assert cfg.steps == 7 and cfg.amp == "none" and cfg.val_max_scans is None and cfg.widths == (8,) * 8 and cfg.flip is False
+    assert cfg.depth == 18  # from configs/demo.yaml
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        load_config("demo", {"stepz": 1})
