@@ -270,7 +270,7 @@ def demo(out_dir, size, seed, backend, overrides):
 
 @main.command()
 @click.option("--out", "out_dir", default="bench", show_default=True, help="Work files and bench-<machine>.json go here.")
-@click.option("--frames", default=16, show_default=True, help="Scans per synthetic sequence (train 00, val 08).")
+@click.option("--frames", default=48, show_default=True, help="Scans per synthetic sequence (train 00, val 08).")
 @click.option("--depth", type=click.Choice(["18", "34"]), default="34", show_default=True)
 @click.option("--repeats", default=2, show_default=True)
 @click.option("--gpu", is_flag=True, help="Time training rows on CUDA (torch fp32 and bf16; MinkowskiEngine if built with CUDA).")

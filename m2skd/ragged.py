@@ -23,9 +23,9 @@ ROWS_PER_CHUNK = 1 << 18  # ~262k rows: one scan spans one or two chunks
 
 
 def _compressor(dtype: np.dtype) -> BloscCodec:
-    # zstd inside blosc with byte shuffle: float32 coordinates compress ~20% better shuffled.
+    # zstd level 1 inside blosc with byte shuffle: as small as level 3 on shards, ~25% faster (bench).
     shuffle = "bitshuffle" if dtype.itemsize == 1 else "shuffle"
-    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, typesize=dtype.itemsize)
+    return BloscCodec(cname="zstd", clevel=1, shuffle=shuffle, typesize=dtype.itemsize)
 
 
 def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_scan: dict[str, np.ndarray] | None = None,

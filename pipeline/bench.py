@@ -225,7 +225,7 @@ def bench_backbone(run: Path, backend: str, depth: int, repeats: int, device: to
 
 # --- the whole run ------------------------------------------------------------------------
 
-def run_bench(out_dir, frames: int = 16, depth: int = 34, repeats: int = 2, gpu: bool = False, quick: bool = False,
+def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu: bool = False, quick: bool = False,
               announce=None) -> dict:
     announce = announce or (lambda msg: None)
     out_dir = Path(out_dir)
