@@ -132,3 +132,13 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.depth == 18  # from configs/demo.yaml
     with pytest.raises(ValueError, match="unknown training config keys"):
         load_config("demo", {"stepz": 1})
+
+
+def test_bf16_mixed_precision_student_step(teacher_run):
+    run, _, _ = teacher_run
+    losses = []
+    cfg = dataclasses.replace(TINY, steps=2, amp="bf16", checkpoint_every=1000)
+    result = train(run, "student", cfg, name="bf16", overwrite=True, callback=lambda s, t, logs: losses.append(logs))
+    assert result["checkpoint"] and all(np.isfinite(l["loss"]) and l["kd"] > 0 for l in losses)
+    with pytest.raises(ValueError, match="no fp16/bf16 kernels"):
+        train(run, "student", dataclasses.replace(cfg, backend="minkowski"), name="bf16me", overwrite=True)
