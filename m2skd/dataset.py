@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from .dataset_spec import DatasetSpec
 from .errors import StaleInputError
 from .manifest import read_manifest
-from .ragged import RaggedReader
+from .ragged import RaggedReader, read_json
 from .rundir import RunDir
 from .teacher_cache import decode_features, decode_logits
 from .transforms import AugmentConfig, augment_xyz, voxel_coords
@@ -108,8 +108,6 @@ class ScanDataset(Dataset):
 
 
 def check_cache(run: RunDir, manifest_fingerprint: str) -> None:
-    from .ragged import read_json
-
     record_path = run.teacher_cache / "cache.json"
     if not record_path.is_file():
         raise StaleInputError(f"{record_path}: no teacher cache; run `m2skd cache-teacher` first")

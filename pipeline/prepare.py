@@ -156,7 +156,8 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
     swept = sweep_temporaries(run.shards) if run.shards.exists() else 0
     todo = [t for t in tasks if overwrite or not shard_is_done(t.path, cfg)]
     if progress:
-        progress(total=sum(t.stop - t.start for t in tasks), done=sum(t.stop - t.start for t in tasks) - sum(t.stop - t.start for t in todo))
+        total = sum(t.stop - t.start for t in tasks)
+        progress(total=total, done=total - sum(t.stop - t.start for t in todo))
     run_tasks(
         lambda t: prepare_shard(t, cfg, spec), todo, jobs,
         on_done=(lambda t, r: progress(advance=r["frames"])) if progress else None,
