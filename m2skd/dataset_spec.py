@@ -56,6 +56,10 @@ class DatasetSpec:
         mask[list(self.hard_classes)] = True
         return mask
 
+    def hard_instance_points(self, raw_label: np.ndarray) -> np.ndarray:
+        """Per point: part of a hard-class instance (the points feature/affinity terms use)."""
+        return self.hard_mask[self.learning_lut[raw_label & 0xFFFF]] & ((raw_label >> 16) > 0)
+
     def split_of(self, sequence: str) -> str:
         for split, seqs in self.splits.items():
             if sequence in seqs:

@@ -26,7 +26,7 @@ from m2skd.fusion import FusionConfig
 from m2skd.losses import FeatureAdapter
 from m2skd.models import build_model, count_parameters
 from m2skd.models.me_compat import minkowski_available
-from m2skd.ragged import dir_bytes, write_json_atomic, write_ragged
+from m2skd.ragged import write_json_atomic, write_ragged
 from m2skd.rundir import RunDir
 from m2skd.synth import SynthConfig, generate_dataset
 from m2skd.teacher_cache import FEATURE_ENCODINGS, LOGIT_ENCODINGS, decode_features, decode_logits, encode_features, encode_logits, kl_error
@@ -124,7 +124,7 @@ def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float
         lg, ft = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], "dec4", "cpu")
         n = int(row["n_single"])
         raw = data["label"][:n]
-        hard = spec.hard_mask[spec.learning_lut[raw & 0xFFFF]] & ((raw >> 16) > 0)
+        hard = spec.hard_instance_points(raw)
         logits.append(lg[:n])
         feats.append(ft[:n][hard])
     n_points = sum(len(x) for x in logits)

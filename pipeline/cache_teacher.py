@@ -60,7 +60,7 @@ def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig
         n = int(single_count[i])
         logits, feats = teacher_outputs(model, data["points"], voxel, cfg.feature_layer, cfg.device)
         logits, feats, raw = logits[:n], feats[:n], data["label"][:n]
-        hard = spec.hard_mask[spec.learning_lut[raw & 0xFFFF]] & ((raw >> 16) > 0)
+        hard = spec.hard_instance_points(raw)
         enc = encode_logits(logits, cfg.logit_encoding)
         fenc = encode_features(feats[hard], cfg.feature_encoding)
         fenc["point_index"] = np.flatnonzero(hard).astype(np.int32)

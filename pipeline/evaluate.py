@@ -43,7 +43,7 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_root = resolve_data(checkpoints[0], data_root)
     out_dir = Path(out_dir or checkpoints[0].resolve().parent.parent / "eval")
-    results, timings = {}, {}
+    results = {}
     for ckpt_path in checkpoints:
         model, ckpt = load_checkpoint(ckpt_path, backend, device)
         spec = spec_for_checkpoint(ckpt_path)
