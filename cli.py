@@ -238,9 +238,11 @@ def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, bac
 @click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
+@click.option("--student-seeds", default=None, metavar="S1,S2,...",
+              help="Train a distilled/baseline pair per seed (default: --seed); re-running adds seeds to a finished demo.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a training config key.")
 @friendly_errors
-def demo(out_dir, size, seed, backend, overrides):
+def demo(out_dir, size, seed, backend, student_seeds, overrides):
     """The whole method on a small synthetic dataset, ending in a comparison table."""
     import time
 
@@ -256,14 +258,25 @@ def demo(out_dir, size, seed, backend, overrides):
         bars[:] = [Progress(name, unit="step" if name.startswith("train") else "scan")]
         return bars[0]
 
+    seeds = None
+    if student_seeds:
+        try:
+            seeds = [int(v) for v in student_seeds.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {student_seeds!r}", param_hint="--student-seeds")
     result = run_demo(out_dir, size=size, seed=seed, backend=backend, overrides=parse_overrides(overrides),
-                      on_stage=lambda name: click.echo(f"== {name}", err=True), progress_factory=progress_factory)
+                      student_seeds=seeds, on_stage=lambda name: click.echo(f"== {name}", err=True), progress_factory=progress_factory)
     for bar in bars:
         bar.close()
     click.echo(f"\nm2skd demo: {result['prepare']['scans']} synthetic scans, hard-class points per instance "
                f"{result['prepare']['median_points_per_hard_instance_single']:.0f} (single) -> "
                f"{result['prepare']['median_points_per_hard_instance_fused']:.0f} (fused, median)\n")
     print_table(result["table"])
+    effect = result["effect"]
+    for metric, label in (("hard_miou", "hard-class mIoU"), ("miou", "mIoU")):
+        e = effect[metric]
+        spread = f" (per seed {', '.join(f'{d:+.3f}' for d in e['per_seed'])})" if len(e["per_seed"]) > 1 else ""
+        click.echo(f"distillation effect on {label}: {e['mean']:+.3f}{spread}")
     click.echo(f"\nreports in {result['out_dir']}; total {time.perf_counter() - t0:.0f} s")
 
 

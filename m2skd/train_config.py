@@ -30,7 +30,7 @@ class TrainConfig:
     workers: int = 2
     # bookkeeping
     checkpoint_every: int = 1000
-    val_every: int = 2000
+    val_every: int = 2000  # 0: no validation during training
     val_max_scans: int | None = 200
     log_every: int = 10
     train_splits: tuple[str, ...] = ("train",)

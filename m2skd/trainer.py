@@ -111,12 +111,14 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     input_kind = "fused" if role == "teacher" else "single"
     train_set = ScanDataset(run_dir, spec, cfg.train_splits, input_kind, cfg.voxel_size, augment, cfg.seed, with_cache=distill)
     val_set = None
-    try:
-        val_set = ScanDataset(run_dir, spec, cfg.val_splits, input_kind, cfg.voxel_size, None, cfg.seed, max_scans=cfg.val_max_scans)
-        if not val_set.rows["has_labels"].all():
+    if cfg.val_every > 0:
+        try:
+            val_set = ScanDataset(run_dir, spec, cfg.val_splits, input_kind, cfg.voxel_size, None, cfg.seed,
+                                  max_scans=cfg.val_max_scans)
+            if not val_set.rows["has_labels"].all():
+                val_set = None
+        except StaleInputError:
             val_set = None
-    except StaleInputError:
-        val_set = None
 
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg, spec.num_classes).to(ctx.device)

@@ -15,6 +15,7 @@ import torch
 from m2skd.errors import StaleInputError
 from m2skd.fingerprint import fingerprint_json
 from m2skd.manifest import read_manifest
+from m2skd.metrics import confusion_matrix, summarize
 from m2skd.ragged import RaggedReader, dir_bytes, sweep_temporaries, write_json_atomic, write_ragged
 from m2skd.rundir import RunDir
 from m2skd.teacher_cache import decode_features, decode_logits, encode_features, encode_logits, kl_error
@@ -55,12 +56,14 @@ def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig
     logit_fields: dict[str, list] = {}
     feat_fields: dict[str, list] = {}
     kl, feat_err, n_points = [], [], 0
+    conf = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     for i in range(len(reader)):
         data = reader.read(i, names=["points", "label"])
         n = int(single_count[i])
         logits, feats = teacher_outputs(model, data["points"], voxel, cfg.feature_layer, cfg.device)
         logits, feats, raw = logits[:n], feats[:n], data["label"][:n]
         hard = spec.hard_instance_points(raw)
+        conf += confusion_matrix(logits.argmax(1), spec.learning_lut[raw & 0xFFFF], spec.num_classes)
         enc = encode_logits(logits, cfg.logit_encoding)
         fenc = encode_features(feats[hard], cfg.feature_encoding)
         fenc["point_index"] = np.flatnonzero(hard).astype(np.int32)
@@ -73,7 +76,7 @@ def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig
             feat_err.append(float(((decode_features(fenc) - exact) ** 2).sum() / max((exact ** 2).sum(), 1e-12)))
         n_points += n
     stats = {"feature_channels": int(feats.shape[1]), "kl_sum": float(np.sum(kl)),
-             "feature_rel_mse": float(np.mean(feat_err)) if feat_err else 0.0}
+             "feature_rel_mse": float(np.mean(feat_err)) if feat_err else 0.0, "target_confusion": conf.tolist()}
     nbytes = write_ragged(run.teacher_cache / shard_rel, logit_fields, {**attrs, **stats}, extra_rows={"hard": feat_fields})
     return {"shard": shard_rel, "scans": len(reader), "points": n_points, "bytes": nbytes, **stats}
 
@@ -123,18 +126,26 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     # summary over every shard, including those done by an earlier run
     nbytes = points = 0
     kl_sum, feat_err = 0.0, []
+    conf = 0
     for shard in shards:
         reader = RaggedReader(run.teacher_cache / shard)
         nbytes += dir_bytes(run.teacher_cache / shard)
         points += int(reader.offsets[-1])
         kl_sum += reader.attrs["kl_sum"]
         feat_err.append(reader.attrs["feature_rel_mse"])
+        shard_conf = reader.attrs.get("target_confusion")  # absent in caches from before it was recorded
+        conf = None if conf is None or shard_conf is None else conf + np.asarray(shard_conf, np.int64)
     record = {**attrs, "teacher": str(teacher_path), "feature_channels": reader.attrs["feature_channels"],
               "splits": list(cfg.splits), "shards": shards, "points": points, "bytes": nbytes,
               "bytes_per_point": nbytes / max(points, 1), "kl_stored_vs_exact": kl_sum / max(points, 1),
               "feature_relative_mse": float(np.mean(feat_err))}
     record["cache_fingerprint"] = fingerprint_json(record)
+    # How good the targets are: the teacher's argmax on the single-scan points it labels.
+    spec = spec_for_run(run)
+    quality = summarize(conf, spec.class_names, spec.hard_classes) if conf is not None else {}
+    record["target_quality"] = {k: quality.get(k) for k in ("miou", "hard_miou", "accuracy")}
     write_json_atomic(run.teacher_cache / "cache.json", record)
     return {"shards": len(shards), "shards_written": len(todo), "points": points, "bytes_per_point": record["bytes_per_point"],
             "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding,
-            "kl_stored_vs_exact": record["kl_stored_vs_exact"], "feature_relative_mse": record["feature_relative_mse"]}
+            "kl_stored_vs_exact": record["kl_stored_vs_exact"], "feature_relative_mse": record["feature_relative_mse"],
+            "target_miou": record["target_quality"]["miou"], "target_hard_miou": record["target_quality"]["hard_miou"]}

@@ -10,7 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from m2skd.fusion import FusionConfig
+from m2skd.ragged import write_json_atomic
 from m2skd.synth import SynthConfig, generate_dataset
 from m2skd.train_config import load_config
 from m2skd.trainer import train
@@ -27,21 +30,46 @@ class DemoSize:
     frames: int = 40
     beams: int = 32
     azimuth_steps: int = 1024
-    steps: int = 300
+    teacher_steps: int = 600
+    student_steps: int = 300
+    student_seeds: tuple[int, ...] = (0,)
     config: str = "demo"
     jobs: int = 2
 
 
 SIZES = {
     "default": DemoSize(),
-    "tiny": DemoSize(train_sequences=("00",), frames=8, beams=16, azimuth_steps=512, steps=6, jobs=1),
+    "tiny": DemoSize(train_sequences=("00",), frames=8, beams=16, azimuth_steps=512, teacher_steps=6, student_steps=6,
+                     jobs=1),
 }
 
 
+def student_names(seed: int, first_seed: int) -> tuple[str, str]:
+    """(distilled, baseline) run names; extra seeds get a suffix so runs sit side by side."""
+    suffix = "" if seed == first_seed else f"-s{seed}"
+    return f"distilled{suffix}", f"baseline{suffix}"
+
+
+def distillation_effect(table, pairs: list[tuple[str, str]]) -> dict:
+    """distilled - baseline per seed (same data, teacher and seed), and their mean and range."""
+    by_name = table.set_index("checkpoint")
+    out = {}
+    for metric in ("hard_miou", "miou"):
+        deltas = [float(by_name.loc[d, metric] - by_name.loc[b, metric]) for d, b in pairs]
+        out[metric] = {"per_seed": deltas, "mean": float(np.mean(deltas)), "min": min(deltas), "max": max(deltas)}
+    return out
+
+
 def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto", overrides: dict | None = None,
-             on_stage=None, progress_factory=None) -> dict:
-    """on_stage(name) announces each stage; progress_factory(name) gives a progress callable."""
+             student_seeds=None, on_stage=None, progress_factory=None) -> dict:
+    """on_stage(name) announces each stage; progress_factory(name) gives a progress callable.
+
+    `seed` fixes the synthetic data and the teacher; each of `student_seeds` (default: `seed`)
+    trains one distilled student and its baseline with that seed. Re-running resumes, so extra
+    student seeds can be added to a finished demo without retraining the teacher.
+    """
     s = SIZES[size]
+    student_seeds = tuple(student_seeds) if student_seeds else (seed,)
     out = Path(out_dir)
     data, run = out / "data", out / "run"
     announce = on_stage or (lambda name: None)
@@ -56,7 +84,7 @@ def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto
     announce("prepare")
     prep = run_prepare(data, run, PrepareConfig(FusionConfig(), frames_per_shard=10), jobs=s.jobs, progress=bar("prepare"))
 
-    cfg = load_config(s.config, {"steps": s.steps, "seed": seed, "backend": backend, **(overrides or {})})
+    base = {"backend": backend, **(overrides or {})}
     trained = {}
 
     def fit(role, name, config):
@@ -70,14 +98,21 @@ def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto
                        callback=(lambda step, total, logs: p(total=total, done=None, set_to=step, postfix=logs)) if p else None)
         return result["checkpoint"]
 
-    trained["teacher"] = fit("teacher", "teacher", cfg)
+    trained["teacher"] = fit("teacher", "teacher", load_config(s.config, {"steps": s.teacher_steps, "seed": seed, **base}))
     announce("cache-teacher")
     cache = run_cache(run, trained["teacher"], CacheConfig(backend=backend), jobs=1, progress=bar("cache-teacher"))
-    trained["distilled"] = fit("student", "distilled", cfg)
-    trained["baseline"] = fit("student", "baseline", cfg.no_distill())
+    pairs = []
+    for student_seed in student_seeds:
+        cfg = load_config(s.config, {"steps": s.student_steps, "seed": student_seed, **base})
+        distilled, baseline = student_names(student_seed, student_seeds[0])
+        trained[distilled] = fit("student", distilled, cfg)
+        trained[baseline] = fit("student", baseline, cfg.no_distill())
+        pairs.append((distilled, baseline))
 
     announce("eval")
-    ordered = [trained["baseline"], trained["distilled"], trained["teacher"]]
+    ordered = [trained[b] for _, b in pairs] + [trained[d] for d, _ in pairs] + [trained["teacher"]]
     report = run_eval(ordered, split="val", data_root=data, out_dir=run / "eval", backend=backend, workers=1, progress=bar("eval"))
+    effect = distillation_effect(report["table"], pairs)
+    write_json_atomic(run / "eval" / "distillation_effect.json", {"pairs": pairs, **effect})
     return {"prepare": prep, "cache": cache, "checkpoints": trained, "table": report["table"], "out_dir": report["out_dir"],
-            "size": dataclasses.asdict(s)}
+            "effect": effect, "size": dataclasses.asdict(s)}

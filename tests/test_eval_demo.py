@@ -38,6 +38,11 @@ def test_demo_runs_every_stage_and_prints_a_comparison(demo):
         hard = [pc["iou"] for pc in m["per_class"] if pc["hard"]]
         assert m["hard_miou"] == pytest.approx(np.mean(hard))
         assert m["points"] == sum(len(sk.read_scan(p)) for p in sorted((out / "data/sequences/08/velodyne").glob("*.bin")))
+    effect = json.loads((run / "eval/distillation_effect.json").read_text())
+    by_name = table.set_index("checkpoint")
+    assert effect["pairs"] == [["distilled", "baseline"]]
+    assert effect["hard_miou"]["mean"] == pytest.approx(by_name.loc["distilled", "hard_miou"] - by_name.loc["baseline", "hard_miou"])
+    assert result["effect"]["miou"]["per_seed"] == [pytest.approx(by_name.loc["distilled", "miou"] - by_name.loc["baseline", "miou"])]
     distilled = json.loads((run / "distilled/train.json").read_text())
     baseline = json.loads((run / "baseline/train.json").read_text())
     assert distilled["distill"] and not baseline["distill"]
@@ -51,6 +56,17 @@ def test_demo_rerun_resumes_without_retraining(demo):
     again = run_demo(out, size="tiny", backend="torch")
     assert (out / "run/teacher/model.pt").stat().st_mtime_ns == stamp
     assert again["table"].equals(first["table"])
+
+
+def test_demo_adds_student_seeds_to_a_finished_run(demo):
+    out, first = demo
+    stamp = (out / "run/distilled/model.pt").stat().st_mtime_ns
+    more = run_demo(out, size="tiny", backend="torch", student_seeds=[0, 1])
+    assert (out / "run/distilled/model.pt").stat().st_mtime_ns == stamp
+    assert list(more["table"]["checkpoint"]) == ["baseline", "baseline-s1", "distilled", "distilled-s1", "teacher"]
+    assert len(more["effect"]["hard_miou"]["per_seed"]) == 2
+    assert json.loads((out / "run/distilled-s1/train.json").read_text())["config"]["seed"] == 1
+    run_demo(out, size="tiny", backend="torch")  # leave the fixture's eval reports as they were
 
 
 def test_saved_labels_read_back_as_the_predicted_classes(demo, tmp_path):

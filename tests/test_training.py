@@ -1,5 +1,6 @@
 """Trainer, teacher cache and student input pipeline on tiny synthetic data (torch backend)."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from m2skd.dataset import ScanDataset, collate
 from m2skd.errors import StaleInputError
 from m2skd.manifest import read_manifest
+from m2skd.metrics import confusion_matrix, summarize
 from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
 from m2skd.teacher_cache import decode_features, decode_logits
@@ -46,6 +48,26 @@ def test_cached_targets_equal_a_fresh_teacher_forward(teacher_run):
     hard = cached.read(int(row["shard_index"]), rowset="hard")
     assert len(hard["point_index"]) > 0
     np.testing.assert_allclose(decode_features(hard), feats[hard["point_index"]], rtol=2e-3, atol=2e-3)
+
+
+def test_cache_reports_the_accuracy_of_its_targets(teacher_run):
+    """cache.json's target_quality is the teacher's argmax on every cached single-scan point."""
+    run, result, cache = teacher_run
+    model, ckpt = load_checkpoint(result["checkpoint"], backend="torch")
+    model.eval()
+    spec = spec_for_run(RunDir(run))
+    df, _ = read_manifest(RunDir(run).manifest)
+    conf = np.zeros((20, 20), np.int64)
+    for _, row in df[df["split"] == "train"].iterrows():
+        data = RaggedReader(RunDir(run).prepare / row["shard"]).read(int(row["shard_index"]))
+        logits, _ = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], "dec4", "cpu")
+        n = int(row["n_single"])
+        conf += confusion_matrix(logits[:n].argmax(1), spec.learning_lut[data["label"][:n] & 0xFFFF], 20)
+    expected = summarize(conf, spec.class_names, spec.hard_classes)
+    record = json.loads((RunDir(run).teacher_cache / "cache.json").read_text())
+    assert record["target_quality"]["miou"] == pytest.approx(expected["miou"], abs=1e-6)
+    assert record["target_quality"]["hard_miou"] == pytest.approx(expected["hard_miou"], abs=1e-6)
+    assert cache["target_miou"] == record["target_quality"]["miou"]
 
 
 def test_augmentation_keeps_targets_on_their_points(teacher_run):
@@ -92,6 +114,14 @@ def test_short_training_lowers_the_loss(teacher_run):
     assert all(l["kd"] > 0 and l["affinity"] >= 0 for l in losses)
     first, last = np.mean([l["loss"] for l in losses[:5]]), np.mean([l["loss"] for l in losses[-5:]])
     assert last < 0.8 * first, (first, last)
+
+
+def test_val_every_zero_skips_validation(teacher_run):
+    run, _, _ = teacher_run
+    result = train(run, "teacher", dataclasses.replace(TINY, steps=2, val_every=0), name="noval", overwrite=True)
+    assert result["steps_done"] == 2 and result["history"] == []
+    with_val = train(run, "teacher", dataclasses.replace(TINY, steps=2), name="val", overwrite=True)
+    assert [h["step"] for h in with_val["history"]] == [2]
 
 
 def test_cache_refuses_mismatched_teacher(teacher_run, tmp_path):
