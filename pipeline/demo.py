@@ -30,8 +30,8 @@ class DemoSize:
     frames: int = 40
     beams: int = 32
     azimuth_steps: int = 1024
-    teacher_steps: int = 600
-    student_steps: int = 300
+    teacher_steps: int = 300
+    student_steps: int = 250
     student_seeds: tuple[int, ...] = (0,)
     config: str = "demo"
     jobs: int = 2
