@@ -32,7 +32,6 @@ class DemoSize:
     azimuth_steps: int = 1024
     teacher_steps: int = 300
     student_steps: int = 250
-    student_seeds: tuple[int, ...] = (0,)
     config: str = "demo"
     jobs: int = 2
 
@@ -44,9 +43,10 @@ SIZES = {
 }
 
 
-def student_names(seed: int, first_seed: int) -> tuple[str, str]:
-    """(distilled, baseline) run names; extra seeds get a suffix so runs sit side by side."""
-    suffix = "" if seed == first_seed else f"-s{seed}"
+def student_names(seed: int, demo_seed: int) -> tuple[str, str]:
+    """(distilled, baseline) run names; seeds other than the demo's own get a suffix, so a
+    name always means the same seed and a re-run never mistakes one seed's model for another's."""
+    suffix = "" if seed == demo_seed else f"-s{seed}"
     return f"distilled{suffix}", f"baseline{suffix}"
 
 
@@ -104,7 +104,7 @@ def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto
     pairs = []
     for student_seed in student_seeds:
         cfg = load_config(s.config, {"steps": s.student_steps, "seed": student_seed, **base})
-        distilled, baseline = student_names(student_seed, student_seeds[0])
+        distilled, baseline = student_names(student_seed, seed)
         trained[distilled] = fit("student", distilled, cfg)
         trained[baseline] = fit("student", baseline, cfg.no_distill())
         pairs.append((distilled, baseline))

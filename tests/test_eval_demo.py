@@ -66,6 +66,8 @@ def test_demo_adds_student_seeds_to_a_finished_run(demo):
     assert list(more["table"]["checkpoint"]) == ["baseline", "baseline-s1", "distilled", "distilled-s1", "teacher"]
     assert len(more["effect"]["hard_miou"]["per_seed"]) == 2
     assert json.loads((out / "run/distilled-s1/train.json").read_text())["config"]["seed"] == 1
+    only_one = run_demo(out, size="tiny", backend="torch", student_seeds=[1])  # never reuses seed 0's runs
+    assert list(only_one["table"]["checkpoint"]) == ["baseline-s1", "distilled-s1", "teacher"]
     run_demo(out, size="tiny", backend="torch")  # leave the fixture's eval reports as they were
 
 
