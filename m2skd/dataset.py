@@ -33,7 +33,8 @@ def instance_key(train: np.ndarray, instance: np.ndarray, hard_mask: np.ndarray)
 
 class ScanDataset(Dataset):
     def __init__(self, run_dir, spec: DatasetSpec, splits=("train",), input_kind="single", voxel_size=0.05,
-                 augment: AugmentConfig | None = None, seed=0, with_cache=False, max_scans=None, sequences=None):
+                 augment: AugmentConfig | None = None, seed=0, with_cache=False, max_scans=None, sequences=None,
+                 label_fused: bool = True):
         if input_kind not in INPUT_KINDS:
             raise ValueError(f"input_kind must be one of {INPUT_KINDS}")
         self.run = RunDir(run_dir)
@@ -55,6 +56,7 @@ class ScanDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.with_cache = with_cache
+        self.label_fused = label_fused
         if with_cache:
             check_cache(self.run, self.manifest_fingerprint)
         self._readers: dict[str, RaggedReader] = {}
@@ -86,6 +88,8 @@ class ScanDataset(Dataset):
         data = shard.read(int(self._index[i]), names=["points", "label"], rows=slice(0, n))
         points, raw = data["points"], data["label"]
         train = self.spec.learning_lut[raw & 0xFFFF].astype(np.int64)
+        if not self.label_fused:
+            train[n_single:] = 0  # fused points stay in the input as context, out of the loss
         xyz = points[:, :3]
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, epoch, i])

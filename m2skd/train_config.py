@@ -42,6 +42,9 @@ class TrainConfig:
     jitter_std: float = 0.01
     # losses
     lovasz_weight: float = 1.0
+    # teacher: the loss also covers the fused points (the paper); false keeps them as unlabelled
+    # context, so the loss sees the single-scan points the cache reads, in the student's class mix
+    fused_point_labels: bool = True
     kd_weight: float = 5.0
     temperature: float = 1.0 / 0.3
     feat_weight: float = 1.0

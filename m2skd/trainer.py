@@ -109,12 +109,13 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
 
     augment = AugmentConfig(cfg.rotate, cfg.flip, tuple(cfg.scale), cfg.jitter_std)
     input_kind = "fused" if role == "teacher" else "single"
-    train_set = ScanDataset(run_dir, spec, cfg.train_splits, input_kind, cfg.voxel_size, augment, cfg.seed, with_cache=distill)
+    train_set = ScanDataset(run_dir, spec, cfg.train_splits, input_kind, cfg.voxel_size, augment, cfg.seed, with_cache=distill,
+                            label_fused=cfg.fused_point_labels)
     val_set = None
     if cfg.val_every > 0:
         try:
             val_set = ScanDataset(run_dir, spec, cfg.val_splits, input_kind, cfg.voxel_size, None, cfg.seed,
-                                  max_scans=cfg.val_max_scans)
+                                  max_scans=cfg.val_max_scans, label_fused=cfg.fused_point_labels)
             if not val_set.rows["has_labels"].all():
                 val_set = None
         except StaleInputError:

@@ -172,3 +172,20 @@ def test_bf16_mixed_precision_student_step(teacher_run):
     assert result["checkpoint"] and all(np.isfinite(l["loss"]) and l["kd"] > 0 for l in losses)
     with pytest.raises(ValueError, match="no fp16/bf16 kernels"):
         train(run, "student", dataclasses.replace(cfg, backend="minkowski"), name="bf16me", overwrite=True)
+
+
+def test_fused_points_as_unlabelled_context(prepared_run):
+    """fused_point_labels=false: the teacher's input keeps every fused point, its loss sees
+    only the single-scan points (labels of fused points become the ignore id)."""
+    run, _ = prepared_run
+    spec = spec_for_run(RunDir(run))
+    labelled = ScanDataset(run, spec, ("train",), "fused", 0.4, None)
+    context = ScanDataset(run, spec, ("train",), "fused", 0.4, None, label_fused=False)
+    i = int(np.argmax(labelled.rows["n_fused"].to_numpy()))
+    a, b = labelled[i], context[i]
+    n = a["n_single"]
+    assert len(a["label"]) > n and np.array_equal(a["feats"], b["feats"])
+    assert np.array_equal(a["label"][:n], b["label"][:n])
+    assert (a["label"][n:] > 0).all() and (b["label"][n:] == 0).all()
+    run_config = dataclasses.replace(TINY, fused_point_labels=False, steps=1)
+    assert train(run, "teacher", run_config, name="teacher-context", overwrite=True)["steps_done"] == 1
