@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from .losses import DEFAULT_DISTILL_CONFIG
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -45,15 +47,13 @@ class TrainConfig:
     # teacher: the loss also covers the fused points (the paper); false keeps them as unlabelled
     # context, so the loss sees the single-scan points the cache reads, in the student's class mix
     fused_point_labels: bool = True
-    # Distillation weights equivalent to the authors' release (see losses.DEFAULT_DISTILL_CONFIG):
-    # its KD is 5 x the class-mean of p_t |log(p_t / p_s)| with no T^2, i.e. 5 / (20 T^2) on our
-    # KL x T^2; its feature term is weighted 0. Weight 5 on KL x T^2 is 220x that and costs accuracy.
-    kd_weight: float = 0.0225
-    temperature: float = 1.0 / 0.3
-    feat_weight: float = 0.0
-    affinity_weight: float = 1.0
-    affinity_max_points: int = 64
-    affinity_mode: str = "instance"  # instance | class
+    # distillation: the release-equivalent weights, derived in losses.DEFAULT_DISTILL_CONFIG
+    kd_weight: float = DEFAULT_DISTILL_CONFIG["kd_weight"]
+    temperature: float = DEFAULT_DISTILL_CONFIG["temperature"]
+    feat_weight: float = DEFAULT_DISTILL_CONFIG["feat_weight"]
+    affinity_weight: float = DEFAULT_DISTILL_CONFIG["affinity_weight"]
+    affinity_max_points: int = DEFAULT_DISTILL_CONFIG["max_points_per_instance"]
+    affinity_mode: str = DEFAULT_DISTILL_CONFIG["affinity_mode"]  # instance | class
     feature_layer: str = "dec4"
 
     def distill_enabled(self) -> bool:

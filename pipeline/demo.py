@@ -45,8 +45,8 @@ class DemoSize:
 
 SIZES = {
     "default": DemoSize(),
-    "tiny": DemoSize(train_sequences=("00",), frames=8, val_frames=8, eval_scans=None, beams=16, azimuth_steps=512, teacher_steps=6, student_steps=6,
-                     jobs=2),
+    "tiny": DemoSize(train_sequences=("00",), frames=8, val_frames=8, eval_scans=None, beams=16, azimuth_steps=512,
+                     teacher_steps=6, student_steps=6, jobs=2),
 }
 
 
@@ -57,14 +57,26 @@ def student_names(seed: int, demo_seed: int) -> tuple[str, str]:
     return f"distilled{suffix}", f"baseline{suffix}"
 
 
+def final_model(run, name: str) -> Path:
+    return Path(run, name, "model.pt")
+
+
+def train_or_resume(run, role: str, name: str, config, callback=None) -> str:
+    """The finished model of RUN/name; trains it first, resuming an interrupted run."""
+    done = final_model(run, name)
+    if done.exists():
+        return str(done)
+    resume = Path(run, name, "checkpoints", "last.pt").exists()
+    return train(run, role, config, name=name, resume=resume, callback=callback)["checkpoint"]
+
+
 def train_student(task) -> tuple[str, str]:
-    """One student run (resumed if interrupted) with `threads` torch threads. Students run side
-    by side, one thread each on 2 cores: the sparse ops scale poorly across threads, so two
-    1-thread runs finish in 0.6x the time of the same two runs one after the other."""
+    """One student run with `threads` torch threads. Students run side by side, one thread each
+    on 2 cores: the sparse ops scale poorly across threads, so two 1-thread runs finish in 0.6x
+    the time of the same two runs one after the other."""
     run, name, config, threads = task
     torch.set_num_threads(threads)
-    resume = Path(run, name, "checkpoints", "last.pt").exists()
-    return name, train(run, "student", config, name=name, resume=resume)["checkpoint"]
+    return name, train_or_resume(run, "student", name, config)
 
 
 def distillation_effect(table, pairs: list[tuple[str, str]]) -> dict:
@@ -105,18 +117,11 @@ def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto
     base = {"backend": backend, **(overrides or {})}
     trained = {}
 
-    def fit(role, name, config):
-        announce(f"train {name}")
-        done = run.joinpath(name, "model.pt")
-        if done.exists():
-            return str(done)
-        p = bar(f"train {name}")
-        last = run.joinpath(name, "checkpoints", "last.pt")
-        result = train(run, role, config, name=name, resume=last.exists(),
-                       callback=(lambda step, total, logs: p(total=total, done=None, set_to=step, postfix=logs)) if p else None)
-        return result["checkpoint"]
-
-    trained["teacher"] = fit("teacher", "teacher", load_config(s.config, {"steps": s.teacher_steps, "seed": seed, **base}))
+    announce("train teacher")
+    p = None if final_model(run, "teacher").exists() else bar("train teacher")
+    trained["teacher"] = train_or_resume(
+        run, "teacher", "teacher", load_config(s.config, {"steps": s.teacher_steps, "seed": seed, **base}),
+        callback=(lambda step, total, logs: p(total=total, done=None, set_to=step, postfix=logs)) if p else None)
     announce("cache-teacher")
     cache = run_cache(run, trained["teacher"], CacheConfig(backend=backend), jobs=s.jobs, progress=bar("cache-teacher"))
     pairs, todo = [], []
@@ -125,9 +130,8 @@ def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto
         distilled, baseline = student_names(student_seed, seed)
         pairs.append((distilled, baseline))
         for name, config in ((distilled, cfg), (baseline, cfg.no_distill())):
-            done = run / name / "model.pt"
-            if done.exists():
-                trained[name] = str(done)
+            if final_model(run, name).exists():
+                trained[name] = str(final_model(run, name))
             else:
                 todo.append((str(run), name, config))
     if todo:
