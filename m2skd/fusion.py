@@ -3,7 +3,10 @@
 For scan t, the points of each hard-class instance present in t are taken from scans
 t-1..t-k, brought into frame t with the poses, aligned to the instance in t (moving
 instances: centroid offset; optional ICP refinement with a rejection test that falls back
-to the initial alignment), and appended with their labels. Nothing else is fused in `hard`
+to the initial alignment), and appended with their labels. Whether an instance moves is
+decided over the whole window: a moving-* label in any of its scans, or its centroid (brought
+into frame t by the poses, i.e. in the world) travelling further than `moving_threshold_m`
+between any of its scans and scan t. Nothing else is fused in `hard`
 mode; `all` fuses whole previous scans by pose (the ablation), `none` fuses nothing.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ class FusionConfig:
     icp_max_points: int = 400  # per instance and side: keeps ICP cost bounded
     icp_max_correction_m: float = 0.5  # larger ICP corrections are rejected as failures
     icp_max_rotation_deg: float = 20.0
+    moving_threshold_m: float = 0.5  # world-frame centroid travel that marks an instance as moving
 
     def __post_init__(self):
         if self.mode not in FUSION_MODES:
@@ -33,6 +37,8 @@ class FusionConfig:
             raise ValueError(f"alignment {self.align!r} not in {ALIGN_MODES}")
         if self.k < 0:
             raise ValueError("k must be >= 0")
+        if not self.moving_threshold_m > 0:
+            raise ValueError("moving_threshold_m must be > 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,7 +149,7 @@ def _fuse_hard(current: Frame, previous, hard_mask, moving_lut, cfg: FusionConfi
     cur_xyz = current.points[cur_hard, :3].astype(np.float64)
     cur_centroid = np.stack([np.bincount(cur_inverse, cur_xyz[:, d], len(keys)) for d in range(3)], 1) / cur_counts[:, None]
     cur_sem = (current.raw_label[cur_hard] & 0xFFFF).astype(np.int64)
-    moving = np.bincount(cur_inverse, moving_lut[cur_sem].astype(np.float64), len(keys)) > 0
+    moving_votes = np.bincount(cur_inverse, moving_lut[cur_sem].astype(np.float64), len(keys))
 
     inv_cur = np.linalg.inv(current.pose)
     pts, lab, src, grp = [], [], [], []
@@ -171,6 +177,10 @@ def _fuse_hard(current: Frame, previous, hard_mask, moving_lut, cfg: FusionConfi
     g_centroid = np.stack([np.bincount(group, points[:, d].astype(np.float64), n_groups) for d in range(3)], 1)
     g_centroid /= np.maximum(g_count, 1)[:, None]
     g_inst = np.arange(n_groups) // (cfg.k + 1)
+    # moving over the window: a moving-* label in any scan, or the centroid travelling
+    moving_votes = moving_votes + np.bincount(g_inst[group], moving_lut[(raw & 0xFFFF).astype(np.int64)].astype(np.float64), len(keys))
+    travel = np.where(g_count > 0, np.linalg.norm(cur_centroid[g_inst] - g_centroid, axis=1), 0.0)
+    moving = (moving_votes > 0) | (travel.reshape(len(keys), cfg.k + 1).max(1) > cfg.moving_threshold_m)
     offset = np.where(moving[g_inst][:, None], cur_centroid[g_inst] - g_centroid, 0.0)
     xyz = points[:, :3].astype(np.float64) + offset[group]
 

@@ -16,6 +16,13 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def predict(logits):
+    """Class per point from (N, C) logits (torch or numpy): the best real class 1..C-1. Id 0
+    (unlabelled) is never trained, so it is never predicted: metrics count no such misses and a
+    submission never holds raw id 0."""
+    return logits[:, 1:].argmax(1) + 1
+
+
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int, device, amp: str = "none", on_batch=None) -> ConfusionAccumulator:
     """Confusion over every point of every scan the loader yields (model left in eval mode)."""
@@ -23,9 +30,12 @@ def evaluate(model, loader, num_classes: int, device, amp: str = "none", on_batc
     conf = ConfusionAccumulator(num_classes)
     for batch in loader:
         batch = to_device(batch, device)
-        with autocast(device, amp):
-            logits = model(batch["coords"], batch["feats"]).logits
-        pred = logits.float().argmax(1)
+        if batch["coords"].shape[0] == 0:  # empty scans: no points, no predictions (backends fail on no sites)
+            pred = batch["label"].new_zeros(0)
+        else:
+            with autocast(device, amp):
+                logits = model(batch["coords"], batch["feats"]).logits
+            pred = predict(logits.float())
         conf.add(pred, batch["label"])
         if on_batch:
             on_batch(batch, pred)

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_path
 from .errors import DataError
 from .fingerprint import fingerprint_json
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # 2: content fingerprint covers the prepare config
 META_KEY = b"m2skd"
 
 COLUMNS = {
@@ -29,6 +29,7 @@ COLUMNS = {
     "row_start": pa.int64(),
     "row_stop": pa.int64(),
     "fingerprint": pa.string(),
+    "class_points_single": pa.list_(pa.int64()),  # training-id histogram of the single scan (class weights)
     "hard_instance_points_single": pa.list_(pa.int64()),
     "hard_instance_points_fused": pa.list_(pa.int64()),
 }
@@ -38,17 +39,20 @@ SCHEMA = pa.schema([pa.field(k, v) for k, v in COLUMNS.items()])
 def write_manifest(rows: list[dict], path, meta: dict) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values(["sequence", "frame"]).reset_index(drop=True)
     table = pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False)
-    full_meta = {**meta, "schema_version": MANIFEST_SCHEMA_VERSION, "content_fingerprint": content_fingerprint(df)}
+    full_meta = {**meta, "schema_version": MANIFEST_SCHEMA_VERSION,
+                 "content_fingerprint": content_fingerprint(df, meta.get("config_fingerprint"))}
+    df.attrs["content_fingerprint"] = full_meta["content_fingerprint"]
     table = table.replace_schema_metadata({META_KEY: json.dumps(full_meta, sort_keys=True).encode()})
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return df
 
 
-def content_fingerprint(df: pd.DataFrame) -> str:
-    return fingerprint_json([df["sequence"].tolist(), df["frame"].tolist(), df["fingerprint"].tolist(), df["n_fused"].tolist()])
+def content_fingerprint(df: pd.DataFrame, config_fingerprint: str | None) -> str:
+    """Prepare's fingerprint: its input files (per-scan hashes) and every setting that changes a
+    stored point (the prepare config's fingerprint), so any change upstream changes it."""
+    return fingerprint_json([config_fingerprint, df["sequence"].tolist(), df["frame"].tolist(), df["fingerprint"].tolist(),
+                             df["n_fused"].tolist()])
 
 
 def read_manifest(path) -> tuple[pd.DataFrame, dict]:

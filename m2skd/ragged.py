@@ -2,23 +2,25 @@
 
 zarr-python 3 has no native ragged type, so a group holds, per field, the concatenation of
 all scans' rows, and `offsets[i]:offsets[i+1]` selects scan i. A group is written whole by
-one writer into a temporary directory and renamed into place, so a reader never sees a
-half-written group and a killed writer leaves only a `.tmp-*` directory that is swept later.
+one writer into a temporary directory and renamed into place (m2skd.atomic), so a reader never
+sees a half-written group and a killed writer leaves only a temporary that a later run sweeps.
+The group records the size and hash of every chunk file it holds: opening it checks the sizes
+(a truncated chunk is reported by name, before a decompressor sees it), and `verify_group`
+checks the hashes, so a re-run of the stage that wrote it finds and rewrites a damaged group.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from .atomic import atomic_path, is_temporary
 from .errors import DataError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chunk sizes and hashes in the attributes
 ROWS_PER_CHUNK = 1 << 18  # ~262k rows: one scan spans one or two chunks
 
 
@@ -36,27 +38,55 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
     its own offsets (`<name>/offsets`), e.g. features kept only for hard-class points.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    _write_rowset(root, fields)
-    for name, rowset in (extra_rows or {}).items():
-        _write_rowset(root.create_group(name), rowset)
-    for name, values in (per_scan or {}).items():
-        values = np.asarray(values)
-        root.create_array(name, data=values, compressors=_compressor(values.dtype))
-    root.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
-                       "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()}, "complete": True})
-    _publish(tmp, path)
+    with atomic_path(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        _write_rowset(root, fields)
+        for name, rowset in (extra_rows or {}).items():
+            _write_rowset(root.create_group(name), rowset)
+        for name, values in (per_scan or {}).items():
+            values = np.asarray(values)
+            root.create_array(name, data=values, compressors=_compressor(values.dtype))
+        root.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
+                           "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
+                           "chunk_files": chunk_files(tmp), "complete": True})
     return dir_bytes(path)
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Move a finished group into place (the only moment the final name appears)."""
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+def _is_chunk(rel: str) -> bool:
+    return not rel.endswith("zarr.json")  # metadata files are parsed (and checked) on open
+
+
+def chunk_files(group_dir) -> dict[str, list]:
+    """{relative path: [size, blake2b]} of every chunk file under a group."""
+    group_dir = Path(group_dir)
+    out = {}
+    for f in sorted(group_dir.rglob("*")):
+        rel = f.relative_to(group_dir).as_posix()
+        if f.is_file() and _is_chunk(rel):
+            out[rel] = [f.stat().st_size, hashlib.blake2b(f.read_bytes(), digest_size=8).hexdigest()]
+    return out
+
+
+def _check_chunks(path: Path, recorded: dict, hashes: bool) -> None:
+    for rel, (size, digest) in recorded.items():
+        f = path / rel
+        try:
+            got = f.stat().st_size
+        except FileNotFoundError:
+            raise DataError(path, f"chunk {rel} is missing: re-run the stage that writes it") from None
+        if got != size:
+            raise DataError(path, f"chunk {rel} has {got} bytes, {size} written (truncated or damaged): re-run the stage that writes it")
+        if hashes and hashlib.blake2b(f.read_bytes(), digest_size=8).hexdigest() != digest:
+            raise DataError(path, f"chunk {rel} content differs from what was written (damaged): re-run the stage that writes it")
+
+
+def verify_group(path) -> bool:
+    """True if the group at `path` is complete and every chunk has the bytes it was written with."""
+    try:
+        RaggedReader(path, verify_hashes=True)
+    except DataError:
+        return False
+    return True
 
 
 def _write_rowset(group, fields: dict[str, list[np.ndarray]]) -> None:
@@ -79,30 +109,31 @@ def dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def sweep_temporaries(directory) -> int:
-    """Remove `.tmp-*` groups left by killed writers; returns how many."""
-    removed = 0
-    for tmp in Path(directory).rglob("*.tmp-*"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed += 1
-    return removed
+def list_groups(directory) -> list[Path]:
+    """Published groups (`*.zarr`, no temporaries) directly under directory/*/."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("*/*.zarr") if p.is_dir() and not is_temporary(p))
 
 
 class RaggedReader:
     """Read scan i of a ragged group; each read is one contiguous slice per field."""
 
-    def __init__(self, path):
+    def __init__(self, path, verify_hashes: bool = False):
         self.path = str(path)
+        if not Path(self.path).is_dir():
+            raise DataError(self.path, "missing: re-run the stage that writes it")
         try:
             self.group = zarr.open_group(self.path, mode="r")
+            attrs = dict(self.group.attrs)
         except Exception as exc:  # zarr raises several types for a missing/corrupt group
-            raise DataError(self.path, f"not a readable Zarr group ({exc})") from None
-        attrs = dict(self.group.attrs)
+            raise DataError(self.path, f"not a readable Zarr group ({type(exc).__name__}): re-run the stage that writes it") from None
         if not attrs.get("complete"):
             raise DataError(self.path, "incomplete group (no 'complete' mark): re-run the stage that writes it")
         if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(self.path, f"schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}")
+            raise DataError(self.path, f"schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}: re-run the stage that writes it")
+        _check_chunks(Path(self.path), attrs.get("chunk_files", {}), verify_hashes)
         self.attrs = attrs
         self._rowsets = {None: (self.group, attrs["fields"])}
         self._rowsets.update({name: (self.group[name], fields) for name, fields in attrs.get("extra_rows", {}).items()})
@@ -112,9 +143,18 @@ class RaggedReader:
     def _rowset(self, rowset):
         if rowset not in self._offsets:
             group, fields = self._rowsets[rowset]
-            self._offsets[rowset] = group["offsets"][...]
-            self._arrays[rowset] = {n: group[n] for n in fields}
+            self._offsets[rowset] = self._guard(lambda: group["offsets"][...])
+            self._arrays[rowset] = self._guard(lambda: {n: group[n] for n in fields})
         return self._offsets[rowset], self._arrays[rowset]
+
+    def _guard(self, read):
+        """Run a read; a decoding failure becomes one line naming this group."""
+        try:
+            return read()
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(self.path, f"unreadable data ({type(exc).__name__}: {str(exc)[:120]}): re-run the stage that writes it") from None
 
     @property
     def offsets(self) -> np.ndarray:
@@ -130,19 +170,7 @@ class RaggedReader:
             first = start + (rows.start or 0)
             stop = min(stop, start + rows.stop) if rows.stop is not None else stop
             start = first
-        return {n: arrays[n][start:stop] for n in (names or arrays)}
+        return self._guard(lambda: {n: arrays[n][start:stop] for n in (names or arrays)})
 
     def per_scan(self, name: str) -> np.ndarray:
-        return self.group[name][...]
-
-
-def read_json(path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+        return self._guard(lambda: self.group[name][...])

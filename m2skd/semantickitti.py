@@ -5,12 +5,12 @@ Every reader raises `DataError` naming the file and the problem, so a bad file i
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_bytes_atomic
 from .errors import DataError
 
 SCAN_DTYPE = np.float32
@@ -116,7 +116,7 @@ def read_poses(poses_path, calib_path, n_scans: int | None = None) -> np.ndarray
     """S x 4 x 4 LiDAR-frame poses: T_i = inv(Tr) @ P_i @ Tr."""
     mats = _read_matrices(poses_path, "pose")
     if n_scans is not None and len(mats) < n_scans:
-        raise DataError(poses_path, f"has {len(mats)} poses but the sequence has {n_scans} scans")
+        raise DataError(poses_path, f"has {len(mats)} poses but the highest frame number needs {n_scans} (pose line i is frame i)")
     cam = np.stack(mats) if mats else np.zeros((0, 4, 4))
     tr = read_calib(calib_path)
     tr_inv = np.linalg.inv(tr)
@@ -145,10 +145,25 @@ class Sequence:
 
     @property
     def frames(self) -> list[str]:
+        """File stems of the scans, ordered by frame number."""
+        return [name for _, name in self.numbered_frames()]
+
+    def numbered_frames(self) -> list[tuple[int, str]]:
+        """(frame number, file stem) of every scan, by number: a frame is its file name's
+        number, never its position in a listing, so a missing file shifts nothing."""
         vel = self.path / "velodyne"
         if not vel.is_dir():
             raise DataError(vel, "missing velodyne directory")
-        return sorted(p.stem for p in vel.glob("*.bin"))
+        out = []
+        for p in vel.glob("*.bin"):
+            if not p.stem.isdigit():
+                raise DataError(p, "scan file name is not a frame number (expected e.g. 000123.bin)")
+            out.append((int(p.stem), p.stem))
+        out.sort()
+        dupes = [name for (n, name), (m, _) in zip(out[1:], out[:-1]) if n == m]
+        if dupes:
+            raise DataError(vel / f"{dupes[0]}.bin", "two scan files share one frame number")
+        return out
 
     @property
     def has_labels(self) -> bool:
@@ -161,7 +176,9 @@ class Sequence:
         return self.path / "labels" / f"{frame}.label"
 
     def poses(self) -> np.ndarray:
-        return read_poses(self.path / "poses.txt", self.path / "calib.txt", n_scans=len(self.frames))
+        """LiDAR poses indexed by frame number (row i of poses.txt is frame i)."""
+        numbers = self.numbered_frames()
+        return read_poses(self.path / "poses.txt", self.path / "calib.txt", n_scans=numbers[-1][0] + 1 if numbers else 0)
 
 
 def list_sequences(root) -> list[str]:
@@ -173,23 +190,15 @@ def list_sequences(root) -> list[str]:
 
 # --- writers (synthetic data, predictions) -------------------------------------------------
 
-def atomic_write(path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_scan(path, scan: np.ndarray) -> None:
-    atomic_write(path, np.ascontiguousarray(scan, dtype=np.float32).tobytes())
+    write_bytes_atomic(path, np.ascontiguousarray(scan, dtype=np.float32).tobytes())
 
 
 def write_label(path, semantic: np.ndarray, instance: np.ndarray | None = None) -> None:
     label = semantic.astype(np.uint32) & 0xFFFF
     if instance is not None:
         label |= instance.astype(np.uint32) << 16
-    atomic_write(path, label.tobytes())
+    write_bytes_atomic(path, label.tobytes())
 
 
 def format_matrices(mats: np.ndarray) -> str:
@@ -199,11 +208,11 @@ def format_matrices(mats: np.ndarray) -> str:
 def write_poses(path, lidar_poses: np.ndarray, tr: np.ndarray) -> None:
     """Write camera-frame poses P_i = Tr @ T_i @ inv(Tr) so readers recover T_i."""
     cam = tr @ lidar_poses @ np.linalg.inv(tr)
-    atomic_write(path, format_matrices(cam).encode())
+    write_bytes_atomic(path, format_matrices(cam).encode())
 
 
 def write_calib(path, tr: np.ndarray) -> None:
     p = np.eye(4)[:3].ravel()
     lines = [f"P{i}: " + " ".join(f"{v:.12e}" for v in p) for i in range(4)]
     lines.append("Tr: " + " ".join(f"{v:.12e}" for v in tr[:3, :4].ravel()))
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())

@@ -12,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m2skd.errors import StaleInputError
+from m2skd.atomic import sweep_temporaries, write_json_atomic
+from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_json
+from m2skd.inference import predict
 from m2skd.manifest import read_manifest
 from m2skd.metrics import confusion_matrix, summarize
-from m2skd.ragged import RaggedReader, dir_bytes, sweep_temporaries, write_json_atomic, write_ragged
+from m2skd.models import FEATURE_NAMES
+from m2skd.ragged import RaggedReader, dir_bytes, verify_group, write_ragged
 from m2skd.rundir import RunDir
 from m2skd.teacher_cache import decode_features, decode_logits, encode_features, encode_logits, kl_error
-from m2skd.trainer import file_fingerprint, load_checkpoint, spec_for_run
+from m2skd.trainer import check_num_classes, file_fingerprint, load_checkpoint, read_checkpoint, resolve_device, spec_for_run
 from m2skd.transforms import voxel_coords
 
 from .parallel import run_tasks
@@ -32,23 +35,33 @@ class CacheConfig:
     feature_layer: str = "dec4"
     splits: tuple[str, ...] = ("train",)
     backend: str = "auto"
-    device: str = "cpu"
+    device: str | None = None  # None: cuda when available, else cpu
     threads_per_job: int = 1
+
+    def __post_init__(self):
+        if self.feature_layer not in FEATURE_NAMES:
+            raise ValueError(f"feature layer {self.feature_layer!r} not in {FEATURE_NAMES}")
+        if self.threads_per_job < 1:
+            raise ValueError(f"threads_per_job must be >= 1, got {self.threads_per_job}")
 
 
 def teacher_outputs(model, points: np.ndarray, voxel_size: float, layer: str, device) -> tuple[np.ndarray, np.ndarray]:
     """Per-point (logits, features) of one scan, fp32, in input order."""
+    if len(points) == 0:  # an empty scan: no points, no targets (backends fail on zero sites)
+        channels = model.feature_channels[layer]
+        return np.zeros((0, model.num_classes), np.float32), np.zeros((0, channels), np.float32)
     coords = np.concatenate([np.zeros((len(points), 1), np.int32), voxel_coords(points[:, :3], voxel_size)], axis=1)
     feats = points.astype(np.float32)
     with torch.no_grad():
-        out = model(torch.from_numpy(coords).to(device), torch.from_numpy(feats).to(device))
+        out = model(torch.from_numpy(coords).to(device), torch.from_numpy(feats).to(device), feature_names=(layer,))
     return out.logits.float().cpu().numpy(), out.features[layer].float().cpu().numpy()
 
 
 def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig, attrs: dict) -> dict:
     torch.set_num_threads(cfg.threads_per_job)
     spec = spec_for_run(run)
-    model, ckpt = load_checkpoint(teacher_path, cfg.backend, cfg.device)
+    device = resolve_device(cfg.device)
+    model, ckpt = load_checkpoint(teacher_path, cfg.backend, device, spec=spec)
     model.eval()
     voxel = ckpt["config"]["voxel_size"]
     reader = RaggedReader(run.prepare / shard_rel)
@@ -60,17 +73,18 @@ def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig
     for i in range(len(reader)):
         data = reader.read(i, names=["points", "label"])
         n = int(single_count[i])
-        logits, feats = teacher_outputs(model, data["points"], voxel, cfg.feature_layer, cfg.device)
+        logits, feats = teacher_outputs(model, data["points"], voxel, cfg.feature_layer, device)
         logits, feats, raw = logits[:n], feats[:n], data["label"][:n]
         hard = spec.hard_instance_points(raw)
-        conf += confusion_matrix(logits.argmax(1), spec.learning_lut[raw & 0xFFFF], spec.num_classes)
+        conf += confusion_matrix(predict(logits), spec.learning_lut[raw & 0xFFFF], spec.num_classes)
         enc = encode_logits(logits, cfg.logit_encoding)
         fenc = encode_features(feats[hard], cfg.feature_encoding)
         fenc["point_index"] = np.flatnonzero(hard).astype(np.int32)
         for fields, values in ((logit_fields, enc), (feat_fields, fenc)):
             for key, value in values.items():
                 fields.setdefault(key, []).append(value)
-        kl.append(kl_error(logits, decode_logits(enc, spec.num_classes), ckpt["config"]["temperature"]) * n)
+        if n:
+            kl.append(kl_error(logits, decode_logits(enc, spec.num_classes), ckpt["config"]["temperature"]) * n)
         if hard.any():
             exact = feats[hard]
             feat_err.append(float(((decode_features(fenc) - exact) ** 2).sum() / max((exact ** 2).sum(), 1e-12)))
@@ -82,29 +96,55 @@ def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig
 
 
 def _done(path: Path, attrs: dict) -> bool:
-    try:
-        got = RaggedReader(path).attrs
-    except Exception:
+    """Complete, intact (chunks hashed as written) and made with these inputs and settings."""
+    if not verify_group(path):
         return False
+    got = RaggedReader(path).attrs
     return all(got.get(k) == v for k, v in attrs.items())
 
 
-def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs: int = 1, overwrite=False, progress=None, dask_scheduler=None) -> dict:
-    run = RunDir(run_dir)
-    teacher_path = Path(teacher_path or run.model_dir("teacher") / "model.pt")
+def ensure_cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig, attrs: dict, overwrite: bool) -> dict:
+    if not overwrite and _done(run.teacher_cache / shard_rel, attrs):
+        return {"shard": shard_rel, "scans": len(RaggedReader(run.prepare / shard_rel)), "written": False}
+    return {**cache_shard(shard_rel, run, teacher_path, cfg, attrs), "written": True}
+
+
+def teacher_reference(run: RunDir, teacher_path: Path) -> str:
+    """The teacher's path relative to the run directory when inside it, so a moved or copied
+    run directory still names its own teacher."""
+    try:
+        return teacher_path.relative_to(run.root.resolve()).as_posix()
+    except ValueError:
+        return str(teacher_path)
+
+
+def check_teacher(run: RunDir, teacher_path: Path, meta: dict) -> dict:
+    """The teacher checkpoint, refused unless trained (as a teacher) on this run's shards."""
     if not teacher_path.is_file():
-        raise StaleInputError(f"{teacher_path}: no teacher checkpoint; run `m2skd train-teacher` first")
-    manifest, meta = read_manifest(run.manifest)
-    ckpt = torch.load(teacher_path, map_location="cpu", weights_only=False)
-    if ckpt.get("record", {}).get("role") != "teacher":
-        raise StaleInputError(f"{teacher_path}: not a teacher checkpoint (role {ckpt.get('record', {}).get('role')})")
-    if ckpt["record"]["manifest_fingerprint"] != meta["content_fingerprint"]:
+        raise StaleInputError(f"{teacher_path}: no teacher checkpoint; run `m2skd train-teacher {run.root}` first")
+    ckpt = read_checkpoint(teacher_path)
+    check_num_classes(teacher_path, ckpt, spec_for_run(run))
+    record = ckpt.get("record", {})
+    if record.get("role") != "teacher":
+        raise StaleInputError(f"{teacher_path}: not a teacher checkpoint (role {record.get('role')})")
+    if record.get("manifest_fingerprint") != meta["content_fingerprint"]:
         raise StaleInputError(
-            f"{teacher_path}: the teacher was trained on other shards (manifest {ckpt['record']['manifest_fingerprint']} "
-            f"!= {meta['content_fingerprint']} in {run.manifest}); retrain the teacher or use the matching run directory"
+            f"{teacher_path}: trained on other prepared shards (manifest {record.get('manifest_fingerprint')} "
+            f"!= {meta['content_fingerprint']} in {run.manifest}); re-run `m2skd train-teacher {run.root} --overwrite`"
         )
+    return ckpt
+
+
+def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs: int = 1, overwrite=False, progress=None, dask_scheduler=None) -> dict:
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    run = RunDir(run_dir)
+    teacher_path = Path(teacher_path or run.model_dir("teacher") / "model.pt").resolve()
+    manifest, meta = read_manifest(run.manifest)
+    check_teacher(run, teacher_path, meta)
     prepare_fp = meta["config_fingerprint"]
     teacher_fp = file_fingerprint(teacher_path)
+    # the cache's inputs and settings: whatever changes one of them makes a different cache
     attrs = {"teacher_fingerprint": teacher_fp, "manifest_fingerprint": meta["content_fingerprint"],
              "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding, "feature_layer": cfg.feature_layer}
     rows = manifest[manifest["split"].isin(list(cfg.splits)) & manifest["has_labels"]]
@@ -115,14 +155,11 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
         got = RaggedReader(run.prepare / shard).attrs.get("config_fingerprint")
         if got != prepare_fp:
             raise StaleInputError(f"{run.prepare / shard}: made with prepare config {got}, manifest says {prepare_fp}; re-run prepare")
-    if run.teacher_cache.exists():
-        sweep_temporaries(run.teacher_cache)
-    todo = [s for s in shards if overwrite or not _done(run.teacher_cache / s, attrs)]
-    scans_per_shard = rows.groupby("shard").size().to_dict()
+    sweep_temporaries(run.teacher_cache)
     if progress:
-        progress(total=int(rows.shape[0]), done=int(sum(scans_per_shard[s] for s in shards if s not in todo)))
-    run_tasks(lambda s: cache_shard(s, run, str(teacher_path), cfg, attrs), todo, jobs,
-              on_done=(lambda s, r: progress(advance=r["scans"])) if progress else None, dask_scheduler=dask_scheduler)
+        progress(total=int(rows.shape[0]))
+    results = run_tasks(lambda s: ensure_cache_shard(s, run, str(teacher_path), cfg, attrs, overwrite), shards, jobs,
+                        on_done=(lambda s, r: progress(advance=r["scans"])) if progress else None, dask_scheduler=dask_scheduler)
     # summary over every shard, including those done by an earlier run
     nbytes = points = 0
     kl_sum, feat_err = 0.0, []
@@ -135,17 +172,17 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
         feat_err.append(reader.attrs["feature_rel_mse"])
         shard_conf = reader.attrs.get("target_confusion")  # absent in caches from before it was recorded
         conf = None if conf is None or shard_conf is None else conf + np.asarray(shard_conf, np.int64)
-    record = {**attrs, "teacher": str(teacher_path), "feature_channels": reader.attrs["feature_channels"],
+    record = {**attrs, "teacher": teacher_reference(run, teacher_path), "feature_channels": reader.attrs["feature_channels"],
               "splits": list(cfg.splits), "shards": shards, "points": points, "bytes": nbytes,
               "bytes_per_point": nbytes / max(points, 1), "kl_stored_vs_exact": kl_sum / max(points, 1),
               "feature_relative_mse": float(np.mean(feat_err))}
-    record["cache_fingerprint"] = fingerprint_json(record)
+    record["cache_fingerprint"] = fingerprint_json({**attrs, "splits": list(cfg.splits), "shards": shards})
     # How good the targets are: the teacher's argmax on the single-scan points it labels.
     spec = spec_for_run(run)
     quality = summarize(conf, spec.class_names, spec.hard_classes) if conf is not None else {}
     record["target_quality"] = {k: quality.get(k) for k in ("miou", "hard_miou", "accuracy")}
     write_json_atomic(run.teacher_cache / "cache.json", record)
-    return {"shards": len(shards), "shards_written": len(todo), "points": points, "bytes_per_point": record["bytes_per_point"],
+    return {"shards": len(shards), "shards_written": sum(r["written"] for r in results), "cache_fingerprint": record["cache_fingerprint"], "points": points, "bytes_per_point": record["bytes_per_point"],
             "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding,
             "kl_stored_vs_exact": record["kl_stored_vs_exact"], "feature_relative_mse": record["feature_relative_mse"],
             "target_miou": record["target_quality"]["miou"], "target_hard_miou": record["target_quality"]["hard_miou"]}

@@ -1,11 +1,17 @@
 """`m2skd prepare`: read a SemanticKITTI-layout dataset, fuse hard-class instances from the k
 previous scans, write Zarr shards (one per block of consecutive frames) and a Parquet manifest.
 
+Frames are their file names' numbers (DESIGN.md section 3): the k previous scans of frame t are
+the frame numbers t-1..t-k that exist, and frame t's pose is line t of poses.txt.
+
 Resumable: a shard is written whole under a temporary name and renamed; a re-run skips shards
-that are complete and were made with the same configuration.
+that are complete, intact (every chunk hashed as written) and made with the same configuration
+from the same data, and rewrites any other. The manifest lists every complete shard in the run
+directory, so preparing some splits or sequences adds to it.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,11 +19,12 @@ import numpy as np
 
 from m2skd import semantickitti as sk
 from m2skd.dataset_spec import DatasetSpec, load_spec
-from m2skd.errors import StaleInputError
+from m2skd.atomic import sweep_temporaries, write_json_atomic
+from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_bytes, fingerprint_json
 from m2skd.fusion import Frame, FusionConfig, fuse
 from m2skd.manifest import write_manifest
-from m2skd.ragged import RaggedReader, dir_bytes, read_json, sweep_temporaries, write_json_atomic, write_ragged
+from m2skd.ragged import RaggedReader, dir_bytes, list_groups, verify_group, write_ragged
 from m2skd.rundir import RunDir
 
 from .parallel import run_tasks
@@ -29,6 +36,10 @@ class PrepareConfig:
     frames_per_shard: int = 50
     dataset: str = "semantickitti"
     hard_classes: tuple[int, ...] | None = None  # None: the dataset description's set
+
+    def __post_init__(self):
+        if self.frames_per_shard < 1:
+            raise ValueError(f"frames_per_shard must be >= 1, got {self.frames_per_shard}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fusion": self.fusion.to_dict()}
@@ -42,9 +53,10 @@ class ShardTask:
     data_root: str
     sequence: str
     split: str
-    start: int
+    start: int  # positions in the sequence's frames ordered by number
     stop: int
     path: str
+    overwrite: bool = False
 
 
 def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bool, spec: DatasetSpec) -> tuple[Frame, str]:
@@ -60,21 +72,42 @@ def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bo
     return Frame(points, raw, train, pose), fingerprint_bytes(scan_bytes, label_bytes)
 
 
+def shard_attrs(cfg: PrepareConfig, data_root: str) -> dict:
+    """What a finished shard must record for a re-run to reuse it."""
+    return {"config_fingerprint": cfg.fingerprint(), "data_root": data_root}
+
+
+def shard_is_done(path, cfg: PrepareConfig, data_root: str) -> bool:
+    if not verify_group(path):
+        return False
+    attrs = RaggedReader(path).attrs
+    return all(attrs.get(k) == v for k, v in shard_attrs(cfg, data_root).items())
+
+
+def ensure_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
+    """Reuse the shard if complete and intact, else (re)write it."""
+    if not task.overwrite and shard_is_done(task.path, cfg, task.data_root):
+        return {"path": task.path, "frames": task.stop - task.start, "written": False}
+    return prepare_shard(task, cfg, spec)
+
+
 def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
-    """Fuse and write frames [start, stop) of one sequence; returns the shard's summary."""
+    """Fuse and write the frames at positions [start, stop) of one sequence; returns the shard's summary."""
     seq = sk.Sequence(Path(task.data_root), task.sequence)
-    names = seq.frames
+    numbered = seq.numbered_frames()
     poses = seq.poses()
     labelled = seq.has_labels
     fcfg = cfg.fusion if (labelled or cfg.fusion.mode != "hard") else FusionConfig(**{**cfg.fusion.to_dict(), "mode": "none"})
     k = fcfg.k if fcfg.mode != "none" else 0
-    window: dict[int, Frame] = {}
+    first = numbered[task.start][0]
+    window: dict[int, Frame] = {}  # frame number -> frame, the k numbers before the current one
     points, labels, sources, rows = [], [], [], []
     icp = [0, 0]
     row_start = 0
-    for i in range(max(0, task.start - k), task.stop):
-        frame, fp = load_frame(seq, names[i], poses[i], labelled, spec)
-        if i >= task.start:
+    todo = [(n, name) for n, name in numbered[: task.stop] if n >= first - k]
+    for i, name in todo:
+        frame, fp = load_frame(seq, name, poses[i], labelled, spec)
+        if i >= first:
             previous = [(j, window[i - j]) for j in range(1, k + 1) if i - j in window]
             fused = fuse(frame, previous, spec.hard_mask, spec.moving_lut, fcfg)
             n_single, n_fused = len(frame.points), len(fused.points)
@@ -85,63 +118,81 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
             icp[0] += fused.icp_accepted
             icp[1] += fused.icp_rejected
             rows.append({
-                "sequence": task.sequence, "frame": i, "frame_name": names[i], "split": task.split,
+                "sequence": task.sequence, "frame": i, "frame_name": name, "split": task.split,
                 "has_labels": labelled, "n_single": n_single, "n_fused": n_fused,
                 "n_hard_instances": len(fused.instance_points_single),
                 "shard": Path(task.path).relative_to(Path(task.path).parents[2]).as_posix(),  # shards/SEQ/NAME
-                "shard_index": i - task.start, "row_start": row_start, "row_stop": row_start + n_single + n_fused,
+                "shard_index": len(rows), "row_start": row_start, "row_stop": row_start + n_single + n_fused,
                 "fingerprint": fp,
+                "class_points_single": (np.bincount(spec.learning_lut[single_label & 0xFFFF], minlength=spec.num_classes)
+                                        if labelled else np.zeros(spec.num_classes, np.int64)).tolist(),
                 "hard_instance_points_single": fused.instance_points_single.tolist(),
                 "hard_instance_points_fused": fused.instance_points_fused.tolist(),
             })
             row_start += n_single + n_fused
         window[i] = frame
-        window.pop(i - k, None)
-    attrs = {"sequence": task.sequence, "config_fingerprint": cfg.fingerprint(), "rows": rows, "icp_accepted": icp[0], "icp_rejected": icp[1]}
+        window = {j: f for j, f in window.items() if j > i - k}
+    attrs = {"sequence": task.sequence, **shard_attrs(cfg, task.data_root), "rows": rows,
+             "icp_accepted": icp[0], "icp_rejected": icp[1]}
     nbytes = write_ragged(
         task.path,
         {"points": points, "label": labels, "source": sources},
         attrs,
         per_scan={"single_count": np.array([r["n_single"] for r in rows], np.int64)},
     )
-    return {"path": task.path, "frames": len(rows), "bytes": nbytes}
+    return {"path": task.path, "frames": len(rows), "bytes": nbytes, "written": True}
 
 
-def plan(data_root, run: RunDir, cfg: PrepareConfig, spec: DatasetSpec, splits=None, sequences=None) -> list[ShardTask]:
+def plan(data_root, run: RunDir, cfg: PrepareConfig, spec: DatasetSpec, splits=None, sequences=None, overwrite=False) -> list[ShardTask]:
     tasks = []
     for name in sk.list_sequences(data_root):
         split = spec.split_of(name)
         if (splits and split not in splits) or (sequences and name not in sequences):
             continue
-        n = len(sk.Sequence(Path(data_root), name).frames)
-        for start in range(0, n, cfg.frames_per_shard):
-            stop = min(n, start + cfg.frames_per_shard)
-            path = run.shards / name / f"{start:06d}-{stop - 1:06d}.zarr"
-            tasks.append(ShardTask(str(data_root), name, split, start, stop, str(path)))
+        numbered = sk.Sequence(Path(data_root), name).numbered_frames()
+        for start in range(0, len(numbered), cfg.frames_per_shard):
+            stop = min(len(numbered), start + cfg.frames_per_shard)
+            path = run.shards / name / f"{numbered[start][0]:06d}-{numbered[stop - 1][0]:06d}.zarr"
+            tasks.append(ShardTask(str(data_root), name, split, start, stop, str(path), overwrite))
     return tasks
 
 
-def shard_is_done(path, cfg: PrepareConfig) -> bool:
-    try:
-        return RaggedReader(path).attrs.get("config_fingerprint") == cfg.fingerprint()
-    except Exception:
-        return False
-
-
-def check_run_config(run: RunDir, record: dict, overwrite: bool) -> None:
-    config_path = run.prepare / "config.json"
-    if config_path.exists() and not overwrite:
-        old = read_json(config_path)
-        if old.get("config_fingerprint") != record["config_fingerprint"] or old.get("data_root") != record["data_root"]:
+def check_existing_shards(run: RunDir, record: dict, planned: set[str], overwrite: bool) -> list[Path]:
+    """Shards already in the run directory made with other settings or data: refused unless
+    --overwrite, which removes those it does not rewrite. Returns the shards to remove."""
+    stale = []
+    for path in list_groups(run.shards):
+        try:
+            attrs = RaggedReader(path).attrs
+        except DataError:
+            continue  # damaged: rewritten if planned, reported when the manifest is built otherwise
+        if attrs.get("config_fingerprint") == record["config_fingerprint"] and attrs.get("data_root") == record["data_root"]:
+            continue
+        if not overwrite:
             raise StaleInputError(
-                f"{config_path}: this run directory was prepared from {old.get('data_root')} with another configuration "
-                f"({old.get('config')}); use a new run directory or --overwrite"
+                f"{path}: prepared with another configuration or dataset (config {attrs.get('config_fingerprint')} from "
+                f"{attrs.get('data_root')}; now {record['config_fingerprint']} from {record['data_root']}); "
+                "use a new run directory or --overwrite"
             )
-    write_json_atomic(config_path, record)
+        if str(path) not in planned:
+            stale.append(path)
+    return stale
+
+
+def manifest_rows(run: RunDir) -> tuple[list[dict], int]:
+    """Rows of every complete shard in the run directory, and their bytes on disk."""
+    rows, nbytes = [], 0
+    for path in list_groups(run.shards):
+        reader = RaggedReader(path)
+        rows.extend(reader.attrs["rows"])
+        nbytes += dir_bytes(path)
+    return rows, nbytes
 
 
 def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=None, sequences=None, overwrite=False, progress=None, dask_scheduler=None) -> dict:
-    """Prepare every planned shard not already done, then (re)write the manifest."""
+    """Prepare every planned shard not already done, then rewrite the manifest over all shards."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     spec = load_spec(cfg.dataset)
     if cfg.hard_classes is not None:
         spec = spec.with_hard_classes(cfg.hard_classes)
@@ -149,34 +200,33 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
     run = RunDir(run_dir)
     data_root = str(Path(data_root).resolve())
     record = {"config": cfg.to_dict(), "config_fingerprint": cfg.fingerprint(), "data_root": data_root}
-    tasks = plan(data_root, run, cfg, spec, splits, sequences)
+    tasks = plan(data_root, run, cfg, spec, splits, sequences, overwrite)
     if not tasks:
         raise StaleInputError(f"{data_root}: no sequences match splits={splits} sequences={sequences}")
-    check_run_config(run, record, overwrite)
-    swept = sweep_temporaries(run.shards) if run.shards.exists() else 0
-    todo = [t for t in tasks if overwrite or not shard_is_done(t.path, cfg)]
+    swept = sweep_temporaries(run.prepare)
+    stale = check_existing_shards(run, record, {t.path for t in tasks}, overwrite)
     if progress:
-        total = sum(t.stop - t.start for t in tasks)
-        progress(total=total, done=total - sum(t.stop - t.start for t in todo))
-    run_tasks(
-        lambda t: prepare_shard(t, cfg, spec), todo, jobs,
+        progress(total=sum(t.stop - t.start for t in tasks))
+    results = run_tasks(
+        lambda t: ensure_shard(t, cfg, spec), tasks, jobs,
         on_done=(lambda t, r: progress(advance=r["frames"])) if progress else None,
         dask_scheduler=dask_scheduler,
     )
-    rows, nbytes = [], 0
-    for t in tasks:
-        reader = RaggedReader(t.path)
-        rows.extend(reader.attrs["rows"])
-        nbytes += dir_bytes(t.path)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    rows, nbytes = manifest_rows(run)
     df = write_manifest(rows, run.manifest, {"stage": "prepare", **record})
+    write_json_atomic(run.prepare / "config.json", record)  # last: a failed prepare leaves no record
     single = int(df["n_single"].sum())
     inst_single = np.concatenate([np.asarray(v, np.int64) for v in df["hard_instance_points_single"]] or [np.zeros(0, np.int64)])
     inst_fused = np.concatenate([np.asarray(v, np.int64) for v in df["hard_instance_points_fused"]] or [np.zeros(0, np.int64)])
     return {
-        "scans": len(df), "shards": len(tasks), "shards_written": len(todo), "temporaries_removed": swept,
+        "scans": len(df), "shards": len(list_groups(run.shards)), "shards_written": sum(r["written"] for r in results),
+        "stale_shards_removed": len(stale), "temporaries_removed": swept,
         "single_points": single, "fused_points": int(df["n_fused"].sum()), "shard_bytes": nbytes,
         "bytes_per_single_point": nbytes / max(single, 1),
         "median_points_per_hard_instance_single": float(np.median(inst_single)) if inst_single.size else 0.0,
         "median_points_per_hard_instance_fused": float(np.median(inst_fused)) if inst_fused.size else 0.0,
         "hard_instances": int(inst_single.size),
+        "manifest_fingerprint": df.attrs.get("content_fingerprint"),
     }

@@ -67,7 +67,7 @@ def test_missing_and_short_poses(tmp_path):
     with pytest.raises(DataError, match=r"poses\.txt.*not found"):
         sk.read_poses(tmp_path / "poses.txt", tmp_path / "calib.txt")
     sk.write_poses(tmp_path / "poses.txt", np.stack([np.eye(4)] * 3), tr)
-    with pytest.raises(DataError, match=r"poses\.txt.*3 poses.*5 scans"):
+    with pytest.raises(DataError, match=r"poses\.txt.*3 poses.*highest frame number needs 5"):
         sk.read_poses(tmp_path / "poses.txt", tmp_path / "calib.txt", n_scans=5)
     (tmp_path / "poses.txt").write_text("1 0 0 0 0 1 0 0 0 0 1\n")
     with pytest.raises(DataError, match=r"poses\.txt.*line 1.*12"):
@@ -78,6 +78,57 @@ def test_missing_tr_in_calib(tmp_path):
     (tmp_path / "calib.txt").write_text("P0: 1 0 0 0 0 1 0 0 0 0 1 0\n")
     with pytest.raises(DataError, match=r"calib\.txt.*Tr"):
         sk.read_calib(tmp_path / "calib.txt")
+
+
+# KITTI odometry sequence 00 as distributed: calib.txt's Tr (velodyne -> left camera) and the
+# first two lines of poses.txt (camera poses). Between these frames the car drives 0.86 m
+# forward, which the camera sees along its z axis and the LiDAR along its x axis.
+KITTI_00_TR = ("4.276802385584e-04 -9.999672484946e-01 -8.084491683471e-03 -1.198459927713e-02 "
+               "-7.210626507497e-03 8.081198471645e-03 -9.999413164504e-01 -5.403984729748e-02 "
+               "9.999738645903e-01 4.859485810390e-04 -7.206933692422e-03 -2.921968648686e-01")
+KITTI_00_POSES = ("1.000000e+00 9.043680e-12 2.326809e-11 5.551115e-17 9.043683e-12 1.000000e+00 2.392370e-10 "
+                  "3.330669e-16 2.326810e-11 2.392370e-10 9.999999e-01 -4.440892e-16\n"
+                  "9.999978e-01 5.272628e-04 -2.066935e-03 -4.690294e-02 -5.296506e-04 9.999992e-01 -1.154865e-03 "
+                  "-2.839928e-02 2.066324e-03 1.155958e-03 9.999971e-01 8.586941e-01\n")
+
+
+def test_kitti_excerpt_gives_forward_lidar_motion(tmp_path):
+    """Against a hand-computed answer, not our own writer: T_i = inv(Tr) P_i Tr turns the camera's
+    0.859 m along z into the LiDAR's 0.859 m along x (velodyne x = camera z, y = -camera x,
+    z = -camera y), and frame 0 is the identity. A wrong convention (P_i as a LiDAR pose,
+    Tr P_i inv(Tr), or inverted poses) moves the car along another axis or backwards."""
+    (tmp_path / "calib.txt").write_text("P0: 7.188560e+02 0 6.071928e+02 0 0 7.188560e+02 1.852157e+02 0 0 0 1 0\n"
+                                       f"Tr: {KITTI_00_TR}\n")
+    (tmp_path / "poses.txt").write_text(KITTI_00_POSES)
+    poses = sk.read_poses(tmp_path / "poses.txt", tmp_path / "calib.txt", n_scans=2)
+    assert np.allclose(poses[0], np.eye(4), atol=1e-6)
+    # hand computation: camera translation (-0.0469, -0.0284, 0.8587) -> LiDAR (0.8587, 0.0469, 0.0284),
+    # plus under 1 cm from the small rotation acting on Tr's 0.29 m lever arm
+    assert np.allclose(poses[1][:3, 3], [0.8587, 0.0469, 0.0284], atol=0.01)
+    assert np.degrees(np.arccos((np.trace(poses[1][:3, :3]) - 1) / 2)) < 0.2
+    # a point 10 m ahead of the LiDAR at frame 1, seen from frame 0: 10.86 m ahead, and the
+    # camera's small yaw/pitch (R[0,2] = -2.07e-3, R[1,2] = -1.15e-3) swing it 10 x those
+    # to the left (+y) and up (+z) on top of the translation
+    ahead = sk.transform(np.array([[10.0, 0.0, 0.0]]), sk.relative_pose(poses, 0, 1))
+    assert np.allclose(ahead, [[10.859, 0.0469 + 0.0207, 0.0284 + 0.0115]], atol=0.01)
+
+
+def test_frames_are_their_file_numbers(tmp_path):
+    seq_dir = tmp_path / "sequences" / "00"
+    for n in (0, 1, 2, 4, 10):
+        sk.write_scan(seq_dir / "velodyne" / f"{n:06d}.bin", np.zeros((1, 4), np.float32))
+    seq = sk.Sequence(tmp_path, "00")
+    assert seq.numbered_frames() == [(0, "000000"), (1, "000001"), (2, "000002"), (4, "000004"), (10, "000010")]
+    tr = random_pose(np.random.default_rng(3))
+    sk.write_calib(seq_dir / "calib.txt", tr)
+    sk.write_poses(seq_dir / "poses.txt", np.stack([np.eye(4)] * 10), tr)
+    with pytest.raises(DataError, match=r"poses\.txt.*10 poses.*highest frame number needs 11"):
+        seq.poses()
+    sk.write_poses(seq_dir / "poses.txt", np.stack([np.eye(4)] * 11), tr)
+    assert len(seq.poses()) == 11
+    sk.write_scan(seq_dir / "velodyne" / "scan.bin", np.zeros((1, 4), np.float32))
+    with pytest.raises(DataError, match=r"scan\.bin.*not a frame number"):
+        seq.numbered_frames()
 
 
 def test_static_point_aligns_across_poses(tmp_path):

@@ -23,6 +23,16 @@ def import_minkowski():
     return _ME
 
 
+def minkowski_runs_on(device_type: str) -> bool:
+    """Whether this MinkowskiEngine build has kernels for the device type (a CPU-only build has
+    none for CUDA, and its first CUDA forward would crash)."""
+    if device_type == "cpu":
+        return minkowski_available()
+    if device_type != "cuda" or not minkowski_available():
+        return False
+    return bool(getattr(import_minkowski(), "is_cuda_available", lambda: False)())
+
+
 def minkowski_available() -> bool:
     try:
         import_minkowski()

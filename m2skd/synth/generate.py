@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .. import semantickitti as sk
+from ..atomic import write_bytes_atomic
 from ..dataset_spec import DatasetSpec, load_spec
 from .lidar import simulate_scan
 from .scene import Scene, SynthConfig, SynthConfigError, build_scene
@@ -100,7 +101,7 @@ def write_sequence(seq_dir: Path, name: str, frames: int, seed: int, config: Syn
     tr = calibration()
     sk.write_calib(seq_dir / "calib.txt", tr)
     sk.write_poses(seq_dir / "poses.txt", scene.lidar_poses(), tr)
-    sk.atomic_write(seq_dir / "times.txt", "".join(f"{t:.6e}\n" for t in scene.frame_times).encode())
+    write_bytes_atomic(seq_dir / "times.txt", "".join(f"{t:.6e}\n" for t in scene.frame_times).encode())
     return stats
 
 
