@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from .dataset_spec import DatasetSpec
 from .errors import StaleInputError
 from .manifest import read_manifest
-from .ragged import RaggedReader, read_json
+from .ragged import RaggedReader
 from .rundir import RunDir
 from .teacher_cache import decode_features, decode_logits
 from .transforms import AugmentConfig, augment_xyz, voxel_coords
@@ -34,13 +34,15 @@ def instance_key(train: np.ndarray, instance: np.ndarray, hard_mask: np.ndarray)
 class ScanDataset(Dataset):
     def __init__(self, run_dir, spec: DatasetSpec, splits=("train",), input_kind="single", voxel_size=0.05,
                  augment: AugmentConfig | None = None, seed=0, with_cache=False, max_scans=None, sequences=None,
-                 label_fused: bool = True):
+                 label_fused: bool = True, skip_empty: bool = False):
         if input_kind not in INPUT_KINDS:
             raise ValueError(f"input_kind must be one of {INPUT_KINDS}")
         self.run = RunDir(run_dir)
         manifest, self.manifest_meta = read_manifest(self.run.manifest)
         self.manifest_fingerprint = self.manifest_meta["content_fingerprint"]
         mask = manifest["split"].isin(list(splits))
+        if skip_empty:  # a scan without points has nothing to learn from or to score
+            mask &= manifest["n_single"] > 0
         if sequences:
             mask &= manifest["sequence"].isin(list(sequences))
         rows = manifest[mask]
@@ -57,8 +59,6 @@ class ScanDataset(Dataset):
         self.epoch = 0
         self.with_cache = with_cache
         self.label_fused = label_fused
-        if with_cache:
-            check_cache(self.run, self.manifest_fingerprint)
         self._readers: dict[str, RaggedReader] = {}
         # plain arrays: cheap to pickle into loader workers, no pandas in the hot path
         self._shard = self.rows["shard"].to_numpy()
@@ -109,18 +109,6 @@ class ScanDataset(Dataset):
             sample["teacher_feats"] = decode_features(hard)
             sample["teacher_feat_index"] = hard["point_index"].astype(np.int64)
         return sample
-
-
-def check_cache(run: RunDir, manifest_fingerprint: str) -> None:
-    record_path = run.teacher_cache / "cache.json"
-    if not record_path.is_file():
-        raise StaleInputError(f"{record_path}: no teacher cache; run `m2skd cache-teacher` first")
-    record = read_json(record_path)
-    if record.get("manifest_fingerprint") != manifest_fingerprint:
-        raise StaleInputError(
-            f"{record_path}: the teacher cache was made for another prepare run "
-            f"(manifest {record.get('manifest_fingerprint')} != {manifest_fingerprint}); re-run `m2skd cache-teacher`"
-        )
 
 
 def collate(samples: list[dict]) -> dict:
@@ -208,13 +196,15 @@ class RawScanDataset(Dataset):
         if seq.has_labels:
             raw = self.sk.read_label(seq.label_path(frame), len(points), self.spec.learning_lut)
             train = self.spec.learning_lut[raw & 0xFFFF].astype(np.int64)
+            instance = instance_key(train, raw >> 16, self.spec.hard_mask)  # the sparse-instance analysis
         else:
             train = np.zeros(len(points), np.int64)
+            instance = np.zeros(len(points), np.int64)
         return {
             "index": i,
             "coords": voxel_coords(points[:, :3], self.voxel_size),
             "feats": np.ascontiguousarray(points, dtype=np.float32),
             "label": train,
-            "instance": np.zeros(len(points), np.int64),
+            "instance": instance,
             "n_single": len(points),
         }

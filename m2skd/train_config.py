@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from .losses import DEFAULT_DISTILL_CONFIG
+from .errors import M2SKDError
+from .losses import DEFAULT_DISTILL_CONFIG, kd_weight_for
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -22,9 +23,13 @@ class TrainConfig:
     voxel_size: float = 0.05
     # optimisation
     steps: int = 20000
+    epochs: float | None = None  # when set, steps = ceil(epochs * train scans / (batch_size * world size))
     batch_size: int = 2  # scans per process and step
     lr: float = 2e-3
     weight_decay: float = 1e-2
+    no_decay_norm_bias: bool = True  # weight decay on conv/linear weights only, not on norms and biases
+    # none | inverse_sqrt_frequency (from the train scans' class histogram in the manifest) | a list of C floats
+    class_weights: str | tuple[float, ...] | None = None
     pct_start: float = 0.05  # one-cycle warm-up fraction
     grad_clip: float = 10.0
     amp: str = "none"  # none | bf16 | fp16 (torch backend only)
@@ -47,8 +52,9 @@ class TrainConfig:
     # teacher: the loss also covers the fused points (the paper); false keeps them as unlabelled
     # context, so the loss sees the single-scan points the cache reads, in the student's class mix
     fused_point_labels: bool = True
-    # distillation: the release-equivalent weights, derived in losses.DEFAULT_DISTILL_CONFIG
-    kd_weight: float = DEFAULT_DISTILL_CONFIG["kd_weight"]
+    # distillation: defaults and their reasons in losses.DEFAULT_DISTILL_CONFIG
+    kd_form: str = DEFAULT_DISTILL_CONFIG["kd_form"]  # kl | release (losses.KD_FORMS)
+    kd_weight: float | None = DEFAULT_DISTILL_CONFIG["kd_weight"]  # None: the form's own default
     temperature: float = DEFAULT_DISTILL_CONFIG["temperature"]
     feat_weight: float = DEFAULT_DISTILL_CONFIG["feat_weight"]
     affinity_weight: float = DEFAULT_DISTILL_CONFIG["affinity_weight"]
@@ -57,7 +63,7 @@ class TrainConfig:
     feature_layer: str = "dec4"
 
     def distill_enabled(self) -> bool:
-        return any(w > 0 for w in (self.kd_weight, self.feat_weight, self.affinity_weight))
+        return any(w > 0 for w in (kd_weight_for(self.kd_form, self.kd_weight), self.feat_weight, self.affinity_weight))
 
     def no_distill(self) -> "TrainConfig":
         return dataclasses.replace(self, kd_weight=0.0, feat_weight=0.0, affinity_weight=0.0)
@@ -65,11 +71,57 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values no training can use, before anything is written."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every,
+                    "voxel_size": self.voxel_size, "lr": self.lr, "log_every": self.log_every,
+                    "temperature": self.temperature, "stem_width": self.stem_width}
+        if self.epochs is not None:
+            positive["epochs"] = self.epochs
+        for key, value in positive.items():
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"{key} must be > 0, got {value!r}")
+        for key in ("workers", "val_every", "weight_decay", "grad_clip", "lovasz_weight", "feat_weight", "affinity_weight"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ConfigError(f"{key} must be >= 0, got {value!r}")
+        if self.kd_weight is not None and not self.kd_weight >= 0:
+            raise ConfigError(f"kd_weight must be >= 0, got {self.kd_weight!r}")
+        if any(int(w) < 1 for w in self.widths) or len(self.widths) != 8:
+            raise ConfigError(f"widths must be 8 positive channel counts, got {self.widths!r}")
+        if self.val_max_scans is not None and self.val_max_scans < 1:
+            raise ConfigError(f"val_max_scans must be >= 1 or none, got {self.val_max_scans!r}")
+        choices = {"amp": ("none", "bf16", "fp16"), "backend": ("auto", "torch", "minkowski"), "depth": (18, 34),
+                   "feature_layer": ("dec1", "dec2", "dec3", "dec4")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if isinstance(self.class_weights, str) and self.class_weights != "inverse_sqrt_frequency":
+            raise ConfigError(f"class_weights must be none, inverse_sqrt_frequency or a list of floats, got {self.class_weights!r}")
+
+    def math_dict(self) -> dict:
+        """The settings that change what training computes; a resume must match them exactly.
+        How long to train (steps, epochs), loader workers and when to log, validate or
+        checkpoint may change between a run and its resume."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_KEYS}
+
+
+RESUMABLE_KEYS = ("steps", "epochs", "workers", "log_every", "val_every", "val_max_scans", "checkpoint_every", "val_splits")
+
+
+class ConfigError(M2SKDError, ValueError):
+    """A training configuration value that cannot work."""
+
 
 def _coerce(name: str, value, current):
     optional = "None" in str(_FIELD_TYPES[name])
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
         return None
+    if name == "class_weights":
+        return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
     if isinstance(current, bool):
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
     if isinstance(current, tuple):
@@ -77,6 +129,8 @@ def _coerce(name: str, value, current):
         kind = type(current[0]) if current else str
         return tuple(kind(v) for v in items)
     if current is None:  # an optional field currently unset
+        if str(_FIELD_TYPES[name]).startswith("float"):
+            return float(value)
         try:
             return int(value)
         except (TypeError, ValueError):
@@ -96,15 +150,22 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not p.suffix:
             p = CONFIG_DIR / f"{path}.yaml"
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: training config not found")
-        values.update(yaml.safe_load(p.read_text()) or {})
+            raise ConfigError(f"{p}: training config not found")
+        try:
+            values.update(yaml.safe_load(p.read_text()) or {})
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     values.update(overrides or {})
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown training config keys {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"unknown training config keys {sorted(unknown)}; known: {sorted(known)}")
     for key, value in values.items():
-        setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
+        try:
+            setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: cannot use {value!r} (expected {_FIELD_TYPES[key]})") from None
+    cfg.validate()
     return cfg
 
 
@@ -113,6 +174,6 @@ def parse_overrides(pairs) -> dict:
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"override {pair!r} is not key=value")
+            raise ConfigError(f"override {pair!r} is not key=value")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out

@@ -3,9 +3,14 @@ optionally distilled from the teacher cache). Step-based, exactly resumable, DDP
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import math
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -13,22 +18,25 @@ from torch.utils.data import DataLoader
 
 from .dataset import ResumableBatchSampler, ScanDataset, collate, to_device
 from .dataset_spec import load_spec
-from .errors import StaleInputError
+from .errors import DataError, M2SKDError, StaleInputError
 from .fingerprint import fingerprint_bytes, fingerprint_json
 from .inference import autocast, evaluate
-from .losses import FeatureAdapter, affinity_distillation, feature_distillation, logit_distillation, segmentation_loss
+from .losses import FeatureAdapter, distillation_loss, segmentation_loss
 from .metrics import summarize
-from .models import build_model
-from .ragged import read_json, write_json_atomic
+from .models import build_model, resolve_backend
+from .atomic import atomic_path, read_json, sweep_temporaries, write_json_atomic
 from .rundir import RunDir
-from .train_config import TrainConfig
+from .train_config import ConfigError, TrainConfig
 from .transforms import AugmentConfig
 
 ROLES = ("teacher", "student")
 
 
 def spec_for_run(run: RunDir):
-    record = read_json(run.prepare / "config.json")
+    record_path = run.prepare / "config.json"
+    if not record_path.is_file():
+        raise StaleInputError(f"{record_path}: no prepared data in {run.root}; run `m2skd prepare DATA {run.root}` first")
+    record = read_json(record_path)
     return load_spec(record["config"]["dataset"]).with_hard_classes(record["config"]["hard_classes"])
 
 
@@ -38,34 +46,65 @@ def model_from_config(cfg: TrainConfig, num_classes: int, backend: str | None = 
 
 
 def save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def file_fingerprint(path) -> str:
-    return fingerprint_bytes(Path(path).read_bytes())
+    """Hash of a file's bytes, read in blocks (checkpoints can be hundreds of MB)."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def load_checkpoint(path, backend: str = "auto", device="cpu"):
-    """(model, checkpoint dict): the model is rebuilt from the recorded config under `backend`."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
-    model = model_from_config(cfg, ckpt["num_classes"], backend)
-    model.load_state_dict(ckpt["model"])
+def read_checkpoint(path) -> dict:
+    """A checkpoint dict, or one line naming the file when it is not an m2skd checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and torch errors of every kind
+        raise DataError(path, f"not a readable checkpoint ({type(exc).__name__}); re-run the stage that wrote it") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "num_classes"} <= set(ckpt):
+        raise DataError(path, "not an m2skd checkpoint (no model/config/num_classes)")
+    return ckpt
+
+
+def check_num_classes(path, ckpt: dict, spec) -> None:
+    if ckpt["num_classes"] != spec.num_classes:
+        raise DataError(path, f"the model predicts {ckpt['num_classes']} classes but dataset {spec.name!r} has "
+                              f"{spec.num_classes}; use a checkpoint trained on this dataset")
+
+
+def load_checkpoint(path, backend: str = "auto", device="cpu", spec=None):
+    """(model, checkpoint dict): the model is rebuilt from the recorded config under `backend`.
+    With `spec`, a checkpoint for another class count is refused."""
+    ckpt = read_checkpoint(path)
+    if spec is not None:
+        check_num_classes(path, ckpt, spec)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
+    model = model_from_config(cfg, ckpt["num_classes"], resolve_backend(backend, device))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise DataError(path, f"weights do not fit the recorded model ({str(exc).splitlines()[0]})") from None
     return model.to(device), ckpt
 
 
 class DistributedContext:
-    """Rank/world from torchrun's environment; a no-op in a single process."""
+    """Rank/world from torchrun's environment; a no-op in a single process.
+
+    Under torchrun each rank uses its own GPU (LOCAL_RANK), also when `--device cuda` is given."""
 
     def __init__(self, device: str | None):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and device != "cpu"
-        self.device = torch.device(device or (f"cuda:{local}" if cuda else "cpu"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(device, self.local_rank if self.world > 1 else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
@@ -75,22 +114,124 @@ class DistributedContext:
     def main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, model):
+    def wrap(self, module):
         if self.world == 1:
-            return model
+            return module
         if self.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(value)
-            value /= self.world
         return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def resolve_device(device: str | None, local_rank: int | None = None) -> torch.device:
+    """cuda when available unless told otherwise; under torchrun 'cuda' means this rank's GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise M2SKDError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if local_rank is not None and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+class StudentNet(torch.nn.Module):
+    """The student and its feature adapter as one module, so DistributedDataParallel keeps both
+    in sync across ranks and a checkpoint holds both."""
+
+    def __init__(self, model, adapter):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+
+    def forward(self, coords, feats, feature_names=()):
+        return self.model(coords, feats, feature_names=feature_names)
+
+
+def train_record(run: RunDir, role: str, name: str, cfg: TrainConfig, manifest_fingerprint: str, cache_record: dict | None,
+                 world: int) -> dict:
+    """What a checkpoint was trained from. Its `fingerprint` chains prepare's (the manifest),
+    the training mathematics and, for a distilled student, the teacher cache's."""
+    record = {
+        "role": role, "name": name, "config": cfg.to_dict(), "config_fingerprint": fingerprint_json(cfg.math_dict()),
+        "manifest_fingerprint": manifest_fingerprint, "distill": cache_record is not None,
+        "cache_fingerprint": cache_record.get("cache_fingerprint") if cache_record else None,
+        "teacher_fingerprint": cache_record.get("teacher_fingerprint") if cache_record else None,
+        "world_size": world,
+    }
+    record["fingerprint"] = fingerprint_json({k: record[k] for k in ("role", "config_fingerprint", "manifest_fingerprint",
+                                                                      "cache_fingerprint")})
+    return record
+
+
+def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str) -> dict:
+    """The teacher cache's record, refused if made from other shards, by another teacher than
+    the one now in its place, or for another feature layer than the student distils."""
+    record_path = run.teacher_cache / "cache.json"
+    if not record_path.is_file():
+        raise StaleInputError(f"{record_path}: no teacher cache; run `m2skd cache-teacher {run.root}` first")
+    record = read_json(record_path)
+    rerun = f"re-run `m2skd cache-teacher {run.root} --overwrite`"
+    if record.get("manifest_fingerprint") != manifest_fingerprint:
+        raise StaleInputError(f"{record_path}: made from other prepared shards (manifest {record.get('manifest_fingerprint')} "
+                              f"!= {manifest_fingerprint}); {rerun}")
+    teacher = run.root / record.get("teacher", "")  # relative to the run directory, or absolute
+    if not teacher.is_file():
+        raise StaleInputError(f"{record_path}: its teacher {teacher} is gone; {rerun}")
+    now = file_fingerprint(teacher)
+    if now != record.get("teacher_fingerprint"):
+        raise StaleInputError(f"{record_path}: made by another teacher than {teacher} holds now (teacher "
+                              f"{record.get('teacher_fingerprint')} != {now}); {rerun}")
+    if (cfg.feat_weight > 0 or cfg.affinity_weight > 0) and record.get("feature_layer") != cfg.feature_layer:
+        raise StaleInputError(f"{record_path}: holds {record.get('feature_layer')} features but the student distils "
+                              f"feature_layer={cfg.feature_layer}; {rerun} --feature-layer {cfg.feature_layer}")
+    return record
+
+
+def scheduled_steps(cfg: TrainConfig, train_scans: int, world: int) -> int:
+    """steps, or with `epochs` set: enough global batches to see every train scan that often."""
+    if cfg.epochs is None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * train_scans / (cfg.batch_size * world)))
+
+
+def class_weight_tensor(cfg: TrainConfig, train_set, num_classes: int):
+    if cfg.class_weights is None:
+        return None
+    if isinstance(cfg.class_weights, str):  # inverse_sqrt_frequency, from prepare's class histograms
+        counts = np.sum(np.stack([np.asarray(v, np.float64) for v in train_set.rows["class_points_single"]]), axis=0)
+        freq = counts / max(counts[1:].sum(), 1.0)
+        weights = 1.0 / np.sqrt(np.maximum(freq, 1e-6))
+        weights[0] = 0.0
+        weights[1:] /= weights[1:][counts[1:] > 0].mean() if (counts[1:] > 0).any() else 1.0
+    else:
+        weights = np.asarray(cfg.class_weights, np.float64)
+        if weights.shape != (num_classes,):
+            raise ConfigError(f"class_weights has {weights.size} values; the dataset has {num_classes} classes")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def parameter_groups(module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
+    """Decay on conv/linear weights only (norm scales and biases are 1-d): common practice."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not no_decay_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    plain = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume: bool = False, overwrite: bool = False,
-          device: str | None = None, callback=None, stop_after: int | None = None) -> dict:
+          device: str | None = None, callback=None, stop_after: int | None = None, allow_world_size_change: bool = False) -> dict:
     """Train `role` into RUN_DIR/<name>; returns the final record (checkpoint path, validation metrics).
 
     callback(step, total, logs) is called after every step on the main rank (progress bars).
@@ -98,74 +239,84 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
-    if cfg.amp != "none" and cfg.backend == "minkowski":
-        raise ValueError("MinkowskiEngine has no fp16/bf16 kernels: use --backend torch for mixed precision")
+    cfg.validate()
     run = RunDir(run_dir)
     name = name or role
     out_dir = run.model_dir(name)
     ctx = DistributedContext(device)
+    backend = resolve_backend(cfg.backend, ctx.device)
+    if cfg.amp != "none" and backend != "torch":
+        raise ConfigError("MinkowskiEngine has no fp16/bf16 kernels: use --backend torch for mixed precision")
     spec = spec_for_run(run)
     distill = role == "student" and cfg.distill_enabled()
 
     augment = AugmentConfig(cfg.rotate, cfg.flip, tuple(cfg.scale), cfg.jitter_std)
     input_kind = "fused" if role == "teacher" else "single"
     train_set = ScanDataset(run_dir, spec, cfg.train_splits, input_kind, cfg.voxel_size, augment, cfg.seed, with_cache=distill,
-                            label_fused=cfg.fused_point_labels)
+                            label_fused=cfg.fused_point_labels, skip_empty=True)
+    cache_record = check_cache_current(run, cfg, train_set.manifest_fingerprint) if distill else None
+    # validation on single scans for both roles, so a teacher's mIoU compares with a student's
     val_set = None
     if cfg.val_every > 0:
         try:
-            val_set = ScanDataset(run_dir, spec, cfg.val_splits, input_kind, cfg.voxel_size, None, cfg.seed,
-                                  max_scans=cfg.val_max_scans, label_fused=cfg.fused_point_labels)
+            val_set = ScanDataset(run_dir, spec, cfg.val_splits, "single", cfg.voxel_size, None, cfg.seed,
+                                  max_scans=cfg.val_max_scans, skip_empty=True)
             if not val_set.rows["has_labels"].all():
                 val_set = None
         except StaleInputError:
             val_set = None
+    total_steps = scheduled_steps(cfg, len(train_set), ctx.world)
 
     torch.manual_seed(cfg.seed)
-    model = model_from_config(cfg, spec.num_classes).to(ctx.device)
-    if cfg.amp != "none" and model.backend != "torch":
-        raise ValueError(f"mixed precision needs the torch backend; this model runs on {model.backend}")
-    adapter = None
-    cache_record = None
-    if distill:
-        cache_record = read_json(run.teacher_cache / "cache.json")
+    model = model_from_config(cfg, spec.num_classes, backend).to(ctx.device)
+    adapter = None  # only when the feature term uses it: DDP needs every parameter to get a gradient
+    if distill and cfg.feat_weight > 0:
         adapter = FeatureAdapter(model.feature_channels[cfg.feature_layer], cache_record["feature_channels"]).to(ctx.device)
-    params = list(model.parameters()) + (list(adapter.parameters()) if adapter else [])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.pct_start)
+    student = StudentNet(model, adapter)
+    optimizer = torch.optim.AdamW(parameter_groups(student, cfg.weight_decay, cfg.no_decay_norm_bias), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
+    class_weights = class_weight_tensor(cfg, train_set, spec.num_classes)
+    if class_weights is not None:
+        class_weights = class_weights.to(ctx.device)
 
-    record = {
-        "role": role, "name": name, "config": cfg.to_dict(), "config_fingerprint": fingerprint_json(cfg.to_dict()),
-        "manifest_fingerprint": train_set.manifest_fingerprint, "distill": distill,
-        "cache_fingerprint": cache_record.get("cache_fingerprint") if cache_record else None,
-    }
-    topology = {"world_size": ctx.world, "device": str(ctx.device), "backend": model.backend}
+    record = train_record(run, role, name, cfg, train_set.manifest_fingerprint, cache_record, ctx.world)
+    record["backend"] = backend
     last = out_dir / "checkpoints" / "last.pt"
+    if ctx.main:
+        sweep_temporaries(out_dir)
     start_step = 0
     history: list[dict] = []
     if last.exists() and resume:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        for key in ("config_fingerprint", "manifest_fingerprint", "cache_fingerprint"):
-            if ckpt["record"].get(key) != record[key]:
-                raise StaleInputError(f"{last}: cannot resume, {key} differs from this run's ({ckpt['record'].get(key)} != {record[key]})")
+        ckpt = read_checkpoint(last)
+        check_resumable(last, ckpt.get("record", {}), record, allow_world_size_change)
         model.load_state_dict(ckpt["model"])
         if adapter is not None:
             adapter.load_state_dict(ckpt["adapter"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        scheduler.total_steps = total_steps  # a longer run: the schedule is stretched to the new length
         scaler.load_state_dict(ckpt["scaler"])
         start_step, history = ckpt["step"], ckpt["history"]
+        if start_step > total_steps:
+            raise StaleInputError(f"{last}: already at step {start_step}, beyond the {total_steps} steps asked for")
     elif (last.exists() or (out_dir / "model.pt").exists()) and not overwrite:
         raise StaleInputError(f"{out_dir}: already has checkpoints; pass --resume to continue or --overwrite to start again")
+    elif overwrite and ctx.main:
+        for old in (last, out_dir / "model.pt"):
+            old.unlink(missing_ok=True)
 
     if ctx.main:
         write_json_atomic(out_dir / "train.json", record)
-    net = ctx.wrap(model)
-    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.steps, cfg.seed, start_step, ctx.rank, ctx.world)
+    net = ctx.wrap(student)
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, total_steps, cfg.seed, start_step, ctx.rank, ctx.world)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
                         persistent_workers=False, pin_memory=ctx.device.type == "cuda")
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate, num_workers=min(cfg.workers, 2)) if val_set else None
+    val_loader = None
+    if val_set is not None:  # each rank validates its own share; the confusion matrices are summed
+        shard = list(range(ctx.rank, len(val_set), ctx.world))
+        val_loader = DataLoader(torch.utils.data.Subset(val_set, shard), batch_size=cfg.batch_size, collate_fn=collate,
+                                num_workers=min(cfg.workers, 2))
     writer = None
     if ctx.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -182,7 +333,8 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
 
     def validate(step: int):
         conf = evaluate(model, val_loader, spec.num_classes, ctx.device, cfg.amp)
-        summary = summarize(conf.matrix, spec.class_names, spec.hard_classes)
+        matrix = ctx.sum(torch.as_tensor(conf.matrix, dtype=torch.int64, device=ctx.device)).cpu().numpy()
+        summary = summarize(matrix, spec.class_names, spec.hard_classes)
         history.append({"step": step, "miou": summary["miou"], "hard_miou": summary["hard_miou"]})
         if writer:
             writer.add_scalar("val/miou", summary["miou"], step)
@@ -190,50 +342,67 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         net.train()
         return summary
 
+    feature_names = (cfg.feature_layer,) if distill else ()
     net.train()
     t_start = time.perf_counter()
     step = start_step
     for batch in loader:
         batch = to_device(batch, ctx.device)
-        logs = training_step(net, batch, cfg, optimizer, scheduler, scaler, params, ctx.device,
-                             adapter if distill else None, seed=cfg.seed * 1_000_003 + step)
+        logs = training_step(net, batch, cfg, optimizer, scheduler, scaler, student.parameters(), ctx.device,
+                             distill, adapter, seed=cfg.seed * 1_000_003 + step,
+                             feature_names=feature_names, class_weights=class_weights)
         step += 1
-        if writer and (step % cfg.log_every == 0 or step == cfg.steps):
+        if writer and (step % cfg.log_every == 0 or step == total_steps):
             for key, value in logs.items():
                 writer.add_scalar(f"train/{key}", value, step)
-        if val_loader is not None and (step % cfg.val_every == 0 or step == cfg.steps) and ctx.main:
+        if val_loader is not None and (step % cfg.val_every == 0 or step == total_steps):
             logs["val_miou"] = validate(step)["miou"]
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
             checkpoint(step)
         if callback and ctx.main:
-            callback(step, cfg.steps, logs)
+            callback(step, total_steps, logs)
         if stop_after is not None and step - start_step >= stop_after:
             break
     if writer:
         writer.close()
     seconds = time.perf_counter() - t_start
-    result = {**record, **topology, "steps_done": step, "seconds": seconds, "history": history, "checkpoint": None}
-    if step == cfg.steps and ctx.main:
+    result = {**record, "device": str(ctx.device), "steps_done": step, "total_steps": total_steps, "seconds": seconds,
+              "history": history, "checkpoint": None}
+    if step == total_steps and ctx.main:
         final = out_dir / "model.pt"
-        save_atomic({"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": spec.num_classes,
+        save_atomic({"model": model.state_dict(), "adapter": adapter.state_dict() if adapter else None,
+                     "config": cfg.to_dict(), "num_classes": spec.num_classes,
                      "record": record, "history": history, "step": step}, final)
         result["checkpoint"] = str(final)
         result["checkpoint_fingerprint"] = file_fingerprint(final)
         write_json_atomic(out_dir / "train.json", result)
-    if ctx.world > 1:
-        dist.barrier()
+    ctx.barrier()
     return result
 
 
-def training_step(net, batch: dict, cfg: TrainConfig, optimizer, scheduler, scaler, params, device, adapter=None, seed: int = 0) -> dict:
-    """One optimisation step; with `adapter` (a student with a teacher cache) the distillation
-    terms are added. Returns the loss terms as floats for logging."""
+def check_resumable(path, old: dict, new: dict, allow_world_size_change: bool) -> None:
+    """Refuse a resume that would change what training computes (one line naming what differs)."""
+    for key, what in (("config_fingerprint", "training settings that change the mathematics"),
+                      ("manifest_fingerprint", "prepared data"), ("cache_fingerprint", "teacher cache")):
+        if old.get(key) != new[key]:
+            raise StaleInputError(f"{path}: cannot resume, the {what} differ ({key} {old.get(key)} != {new[key]}); "
+                                  "start again with --overwrite")
+    if old.get("world_size", 1) != new["world_size"] and not allow_world_size_change:
+        raise StaleInputError(f"{path}: trained on {old.get('world_size', 1)} processes, resumed on {new['world_size']}: "
+                              "that changes the global batch; pass --allow-world-size-change to accept")
+
+
+def training_step(net, batch: dict, cfg: TrainConfig, optimizer, scheduler, scaler, params, device, distill: bool = False,
+                  adapter=None, seed: int = 0, feature_names=(), class_weights=None) -> dict:
+    """One optimisation step; with `distill` (a student with a teacher cache in the batch) the
+    distillation terms are added. Returns the loss terms as floats for logging."""
+    params = list(params)
     with autocast(device, cfg.amp):
-        out = net(batch["coords"], batch["feats"])
+        out = net(batch["coords"], batch["feats"], feature_names=feature_names)
     logits = out.logits.float()
-    total, seg_parts = segmentation_loss(logits, batch["label"], lovasz_weight=cfg.lovasz_weight)
+    total, seg_parts = segmentation_loss(logits, batch["label"], lovasz_weight=cfg.lovasz_weight, class_weights=class_weights)
     logs = {"ce": seg_parts["ce"], "lovasz": seg_parts["lovasz"]}
-    if adapter is not None:
+    if distill:
         total = total + distill_terms(cfg, out, batch, adapter, logs, seed)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
@@ -248,17 +417,18 @@ def training_step(net, batch: dict, cfg: TrainConfig, optimizer, scheduler, scal
 
 
 def distill_terms(cfg: TrainConfig, out, batch: dict, adapter, logs: dict, seed: int) -> torch.Tensor:
-    """KD on every point; feature and affinity terms on the hard-class points the cache holds."""
-    logits = out.logits.float()
-    kd = logit_distillation(logits, batch["teacher_logits"], temperature=cfg.temperature)
+    """KD on every point; feature and affinity terms on the hard-class points the cache holds,
+    combined by losses.distillation_loss (the single place the weights are applied)."""
     idx = batch["teacher_feat_index"]
     student_feats = out.features[cfg.feature_layer][idx].float()
-    teacher_feats = batch["teacher_feats"]
-    feat = feature_distillation(adapter(student_feats), teacher_feats, mask=None) if len(idx) else logits.sum() * 0
     generator = torch.Generator(device=student_feats.device).manual_seed(seed)
     instance = batch["instance"][idx]
     class_ids = batch["label"][idx] + (instance >> 24) * 64  # per scan, for affinity_mode=class
-    aff = affinity_distillation(student_feats, teacher_feats, instance, cfg.affinity_max_points, generator,
-                                mode=cfg.affinity_mode, class_ids=class_ids) if len(idx) else logits.sum() * 0
-    logs.update(kd=kd, feat=feat, affinity=aff)
-    return cfg.kd_weight * kd + cfg.feat_weight * feat + cfg.affinity_weight * aff
+    config = {"kd_form": cfg.kd_form, "kd_weight": cfg.kd_weight, "temperature": cfg.temperature,
+              "feat_weight": cfg.feat_weight, "affinity_weight": cfg.affinity_weight,
+              "max_points_per_instance": cfg.affinity_max_points, "affinity_mode": cfg.affinity_mode}
+    total, parts = distillation_loss(out.logits.float(), batch["teacher_logits"], student_feats, batch["teacher_feats"],
+                                     instance_ids=instance, config=config, class_ids=class_ids, generator=generator,
+                                     adapter=adapter)
+    logs.update(parts)
+    return total

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from m2skd.losses import (
+    KD_FORM_WEIGHTS,
     FeatureAdapter,
     affinity_distillation,
     distillation_loss,
     feature_distillation,
+    kd_weight_for,
     logit_distillation,
     lovasz_softmax,
     segmentation_loss,
@@ -134,6 +136,108 @@ def test_kd_with_missing_teacher_classes(filler):
     assert loss.item() == pytest.approx(float(np.mean(kls)), rel=1e-5)
     loss.backward()
     assert torch.all(torch.isfinite(student.grad))
+
+
+def _softmax(z, scale=0.3):
+    e = [math.exp(scale * v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_release_form_by_hand():
+    """5 points at softmax(0.3 z), 3 classes: mean over classes of p_t |log(p_t / p_s)|, no T^2,
+    points whose term is below 0.01 dropped, a missing teacher class contributes 0 but counts in C."""
+    teacher = [[0.0, 10.0, 0.0], [2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [3.0, float("-inf"), 0.0], [1.0, 1.0, 1.0]]
+    student = [[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.1, 0.0, 0.0], [0.0, 5.0, 0.0], [1.0, 1.0, 1.0]]
+
+    def term(t, z):
+        pt, ps = _softmax(t), _softmax(z)
+        return sum(a * abs(math.log(a / b)) for a, b in zip(pt, ps) if a > 0) / 3
+
+    terms = [term(t, z) for t, z in zip(teacher, student)]
+    # point 2: a 0.1 logit gap gives ~0.003 (< 0.01, dropped); point 4: identical (0, dropped)
+    assert terms[2] < 0.01 and terms[4] == 0.0 and min(terms[0], terms[1], terms[3]) > 0.01
+    expected = (terms[0] + terms[1] + terms[3]) / 3
+    got = logit_distillation(torch.tensor(student, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64),
+                             temperature=1 / 0.3, form="release")
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+    # the mask restricts which points are averaged; the drop still applies inside it
+    masked = logit_distillation(torch.tensor(student, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64),
+                                temperature=1 / 0.3, mask=torch.tensor([True, False, True, True, False]), form="release")
+    assert masked.item() == pytest.approx((terms[0] + terms[3]) / 2, rel=1e-10)
+
+
+def test_release_form_all_points_dropped_is_a_connected_zero():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    loss = logit_distillation(z, z.detach() + 0.01, form="release")
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(z.grad == 0)
+
+
+def test_release_gradient_does_not_vanish_near_agreement():
+    """Teacher (0, 0), student (d, 0): the KL x T^2 gradient T (p_s - p_t) halves with d, the
+    release term's stays (1/(C T)) p_t,0 = 0.3 * 0.5 / 2, which is why no fixed weight makes the
+    two forms agree (README)."""
+    for d in (2.0, 1.0, 0.5):
+        p_s0 = 1 / (1 + math.exp(-0.3 * d))
+        z = torch.tensor([[d, 0.0]], dtype=torch.float64, requires_grad=True)
+        logit_distillation(z, torch.zeros(1, 2, dtype=torch.float64), form="release").backward()
+        assert z.grad[0, 0].item() == pytest.approx(0.3 * 0.5 / 2, rel=1e-9)
+        z.grad = None
+        logit_distillation(z, torch.zeros(1, 2, dtype=torch.float64), form="kl").backward()
+        assert z.grad[0, 0].item() == pytest.approx((p_s0 - 0.5) / 0.3, rel=1e-9)
+
+
+def test_kd_weight_is_the_forms_default_unless_set():
+    assert KD_FORM_WEIGHTS == {"kl": 0.0225, "release": 5.0}
+    assert kd_weight_for("kl") == 0.0225 and kd_weight_for("release") == 5.0
+    assert kd_weight_for("release", 0.5) == 0.5 and kd_weight_for("kl", 0.0) == 0.0
+    with pytest.raises(ValueError):
+        kd_weight_for("l2")
+    sl, tl = torch.randn(6, 4, dtype=torch.float64), 3 * torch.randn(6, 4, dtype=torch.float64)
+    no_aux = {"feat_weight": 0.0, "affinity_weight": 0.0}
+    total, parts = distillation_loss(sl, tl, config={"kd_form": "release", **no_aux})
+    assert total.item() == pytest.approx(5.0 * logit_distillation(sl, tl, form="release").item(), rel=1e-12)
+    total, _ = distillation_loss(sl, tl, config={"kd_form": "release", "kd_weight": 0.5, **no_aux})
+    assert total.item() == pytest.approx(0.5 * logit_distillation(sl, tl, form="release").item(), rel=1e-12)
+    total, _ = distillation_loss(sl, tl, config=no_aux)
+    assert total.item() == pytest.approx(0.0225 * logit_distillation(sl, tl).item(), rel=1e-12)
+
+
+def test_train_config_kd_form_and_weight():
+    from m2skd.train_config import load_config
+
+    cfg = load_config(None, {"kd_form": "release"})
+    assert cfg.kd_form == "release" and cfg.kd_weight is None and cfg.distill_enabled()
+    assert load_config(None, {"kd_weight": 0.05}).kd_weight == 0.05  # a float, not int(0.05) = 0
+    assert not load_config(None, {"kd_form": "release"}).no_distill().distill_enabled()
+
+
+def test_trainer_distill_terms_goes_through_the_one_combiner():
+    """The trainer's terms are distillation_loss's: KD on every point, the feature term through
+    the adapter, the affinity term on the student's own features."""
+    from types import SimpleNamespace
+
+    from m2skd.train_config import TrainConfig
+    from m2skd.trainer import distill_terms
+
+    torch.manual_seed(1)
+    logits, t_logits = torch.randn(8, 4), torch.randn(8, 4) * 4
+    feats, t_feats = torch.randn(8, 3), torch.randn(5, 6)
+    idx = torch.tensor([1, 2, 3, 5, 6])
+    instance = torch.zeros(8, dtype=torch.long)
+    instance[idx] = torch.tensor([7, 7, 7, 9, 9])
+    adapter = FeatureAdapter(3, 6)
+    cfg = TrainConfig(kd_form="release", feat_weight=0.5, affinity_weight=2.0, affinity_max_points=None)
+    batch = {"teacher_logits": t_logits, "teacher_feats": t_feats, "teacher_feat_index": idx, "instance": instance,
+             "label": torch.ones(8, dtype=torch.long)}
+    logs = {}
+    total = distill_terms(cfg, SimpleNamespace(logits=logits, features={"dec4": feats}), batch, adapter, logs, seed=0)
+    expected = (5.0 * logit_distillation(logits, t_logits, form="release")
+                + 0.5 * feature_distillation(adapter(feats[idx]), t_feats, None)
+                + 2.0 * affinity_distillation(feats[idx], t_feats, instance[idx], None))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert set(logs) == {"kd", "feat", "affinity"}
 
 
 # ----------------------------------------------------------------- feature distillation

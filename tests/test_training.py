@@ -62,7 +62,7 @@ def test_cache_reports_the_accuracy_of_its_targets(teacher_run):
         data = RaggedReader(RunDir(run).prepare / row["shard"]).read(int(row["shard_index"]))
         logits, _ = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], "dec4", "cpu")
         n = int(row["n_single"])
-        conf += confusion_matrix(logits[:n].argmax(1), spec.learning_lut[data["label"][:n] & 0xFFFF], 20)
+        conf += confusion_matrix(logits[:n, 1:].argmax(1) + 1, spec.learning_lut[data["label"][:n] & 0xFFFF], 20)
     expected = summarize(conf, spec.class_names, spec.hard_classes)
     record = json.loads((RunDir(run).teacher_cache / "cache.json").read_text())
     assert record["target_quality"]["miou"] == pytest.approx(expected["miou"], abs=1e-6)
@@ -130,7 +130,7 @@ def test_cache_refuses_mismatched_teacher(teacher_run, tmp_path):
     ckpt["record"]["manifest_fingerprint"] = "0123456789abcdef"
     bad = tmp_path / "stale.pt"
     torch.save(ckpt, bad)
-    with pytest.raises(StaleInputError, match="trained on other shards"):
+    with pytest.raises(StaleInputError, match="trained on other prepared shards"):
         run_cache(run, bad, CacheConfig(backend="torch"))
 
 
@@ -155,13 +155,16 @@ def test_torchrun_ddp_on_cpu(teacher_run, tmp_path):
 
 
 def test_config_file_and_overrides(tmp_path):
-    from m2skd.train_config import load_config, parse_overrides
+    from m2skd.train_config import ConfigError, load_config, parse_overrides
 
     cfg = load_config("demo", parse_overrides(["steps=7", "amp=none", "val_max_scans=none", "widths=8,8,8,8,8,8,8,8", "flip=false"]))
     assert cfg.steps == 7 and cfg.amp == "none" and cfg.val_max_scans is None and cfg.widths == (8,) * 8 and cfg.flip is False
     assert cfg.depth == 18  # from configs/demo.yaml
-    with pytest.raises(ValueError, match="unknown training config keys"):
+    with pytest.raises(ConfigError, match="unknown training config keys"):
         load_config("demo", {"stepz": 1})
+    for key, value in (("steps", 0), ("batch_size", -1), ("checkpoint_every", 0), ("voxel_size", 0), ("voxel_size", -0.1)):
+        with pytest.raises(ConfigError, match=f"{key} must be > 0"):
+            load_config("demo", {key: value})
 
 
 def test_bf16_mixed_precision_student_step(teacher_run):
