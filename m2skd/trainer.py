@@ -126,6 +126,13 @@ class DistributedContext:
             dist.all_reduce(value)
         return value
 
+    def broadcast_buffers(self, module) -> None:
+        """Rank 0's norm statistics everywhere (each rank updates its own on its own batch), so
+        every rank validates the model rank 0 saves."""
+        if self.world > 1:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -231,11 +238,13 @@ def parameter_groups(module, weight_decay: float, no_decay_norm_bias: bool) -> l
 
 
 def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume: bool = False, overwrite: bool = False,
-          device: str | None = None, callback=None, stop_after: int | None = None, allow_world_size_change: bool = False) -> dict:
+          device: str | None = None, callback=None, stop_after: int | None = None, allow_world_size_change: bool = False,
+          on_finish=None) -> dict:
     """Train `role` into RUN_DIR/<name>; returns the final record (checkpoint path, validation metrics).
 
     callback(step, total, logs) is called after every step on the main rank (progress bars).
     stop_after: leave after this many steps as if interrupted (tests of --resume).
+    on_finish(student_module): called on every rank at the end (tests of DistributedDataParallel).
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
@@ -332,6 +341,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
             }, last)
 
     def validate(step: int):
+        ctx.broadcast_buffers(model)
         conf = evaluate(model, val_loader, spec.num_classes, ctx.device, cfg.amp)
         matrix = ctx.sum(torch.as_tensor(conf.matrix, dtype=torch.int64, device=ctx.device)).cpu().numpy()
         summary = summarize(matrix, spec.class_names, spec.hard_classes)
@@ -376,6 +386,8 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         result["checkpoint"] = str(final)
         result["checkpoint_fingerprint"] = file_fingerprint(final)
         write_json_atomic(out_dir / "train.json", result)
+    if on_finish is not None:
+        on_finish(student)
     ctx.barrier()
     return result
 
