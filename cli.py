@@ -10,7 +10,8 @@ from m2skd.errors import M2SKDError
 
 
 def friendly_errors(fn):
-    """Report our own errors as one clear line instead of a traceback."""
+    """Report our own errors, bad settings and file-system refusals (a read-only or full output
+    directory) as one clear line naming the file, instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -18,6 +19,9 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except M2SKDError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            where = exc.filename or ""
+            raise click.ClickException(f"{where}: {exc.strerror or exc}" if where else str(exc)) from None
 
     return wrapper
 
@@ -53,6 +57,13 @@ def echo_summary(title: str, summary: dict) -> None:
         if isinstance(value, float):
             value = f"{value:.4g}"
         click.echo(f"  {key}: {value}")
+
+
+def announce_backend(name: str) -> None:
+    if name == "auto":
+        from m2skd.models.minkunet import AUTO_BACKEND_REASON
+
+        click.echo(f"backend {AUTO_BACKEND_REASON}", err=True)
 
 
 def csv_list(value):
@@ -92,19 +103,21 @@ def synth(out, sequences, frames, seed, beams, azimuth_steps, jobs):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--fusion", type=click.Choice(["hard", "all", "none"]), default="hard", show_default=True,
               help="hard: fuse hard-class instances only (the method); all: whole previous scans (ablation).")
-@click.option("-k", "--k", "k", default=4, show_default=True, help="Previous scans fused into each scan.")
+@click.option("-k", "--k", "k", default=4, show_default=True, type=click.IntRange(min=1), help="Previous scans fused into each scan.")
 @click.option("--align", type=click.Choice(["centroid", "icp"]), default="centroid", show_default=True,
               help="Moving instances: centroid offset; icp adds a rigid refinement with a rejection test.")
 @click.option("--hard-classes", default=None, help="Comma-separated training ids (default: the dataset description's set).")
 @click.option("--splits", default=None, help="Comma-separated splits to prepare (train,val,test).")
 @click.option("--sequences", default=None, help="Comma-separated sequences to prepare.")
-@click.option("--frames-per-shard", default=50, show_default=True)
+@click.option("--frames-per-shard", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--moving-threshold", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="World-frame centroid travel (m) over the window that marks an instance as moving.")
 @click.option("--dataset", default="semantickitti", show_default=True, help="Name or path of a data_manifests/ description.")
-@click.option("--jobs", default=1, show_default=True, help="Parallel workers (joblib/loky).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Parallel workers (joblib/loky).")
 @click.option("--dask-scheduler", default=None, help="Run shard jobs on this Dask cluster instead.")
 @click.option("--overwrite", is_flag=True, help="Rewrite every shard even if done.")
 @friendly_errors
-def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, frames_per_shard, dataset, jobs, dask_scheduler, overwrite):
+def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, frames_per_shard, moving_threshold, dataset, jobs, dask_scheduler, overwrite):
     """Align poses and fuse hard-class instances into Zarr shards + a Parquet manifest."""
     import time
 
@@ -112,7 +125,7 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
     from pipeline.prepare import PrepareConfig, run_prepare
 
     hard = tuple(int(c) for c in csv_list(hard_classes)) if hard_classes else None
-    cfg = PrepareConfig(FusionConfig(mode=fusion, k=k, align=align), frames_per_shard, dataset, hard)
+    cfg = PrepareConfig(FusionConfig(mode=fusion, k=k, align=align, moving_threshold_m=moving_threshold), frames_per_shard, dataset, hard)
     progress = Progress("prepare")
     t0 = time.perf_counter()
     summary = run_prepare(data, run_dir, cfg, jobs=jobs, splits=csv_list(splits), sequences=csv_list(sequences),
@@ -134,14 +147,16 @@ def train_options(fn):
         click.option("--name", default=None, help="Output folder under RUN_DIR (default: the role)."),
         click.option("--resume", is_flag=True, help="Continue from RUN_DIR/<name>/checkpoints/last.pt."),
         click.option("--overwrite", is_flag=True, help="Start again, replacing existing checkpoints."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun each rank's own GPU)."),
+        click.option("--allow-world-size-change", is_flag=True, help="Resume on another number of processes (changes the global batch)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def run_training(role, run_dir, config_path, overrides, backend, amp, steps, name, resume, overwrite, device, no_distill=False):
+def run_training(role, run_dir, config_path, overrides, backend, amp, steps, name, resume, overwrite, device,
+                 allow_world_size_change=False, no_distill=False):
     from m2skd.train_config import load_config, parse_overrides
     from m2skd.trainer import train
 
@@ -156,7 +171,9 @@ def run_training(role, run_dir, config_path, overrides, backend, amp, steps, nam
     def callback(step, total, logs):
         bar(total=total, set_to=step, postfix={k: logs[k] for k in shown if k in logs})
 
-    result = train(run_dir, role, cfg, name=name, resume=resume, overwrite=overwrite, device=device, callback=callback)
+    announce_backend(cfg.backend)
+    result = train(run_dir, role, cfg, name=name, resume=resume, overwrite=overwrite, device=device, callback=callback,
+                   allow_world_size_change=allow_world_size_change)
     bar.close()
     last = result["history"][-1] if result["history"] else {}
     echo_summary(f"trained {role} -> {result['checkpoint']}",
@@ -188,21 +205,25 @@ def train_student(no_distill, **kwargs):
 @click.option("--logit-encoding", type=click.Choice(["fp32", "fp16", "top2", "top4", "top8"]), default="fp16", show_default=True)
 @click.option("--feature-encoding", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
 @click.option("--splits", default="train", show_default=True)
+@click.option("--feature-layer", type=click.Choice(["dec1", "dec2", "dec3", "dec4"]), default="dec4", show_default=True,
+              help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer).")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--jobs", default=1, show_default=True)
-@click.option("--threads-per-job", default=None, type=int, help="torch threads per job (default: cores / jobs).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads-per-job", default=None, type=click.IntRange(min=1), help="torch threads per job (default: cores / jobs).")
 @click.option("--dask-scheduler", default=None)
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
-def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, backend, device, jobs, threads_per_job, dask_scheduler, overwrite):
+def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, feature_layer, backend, device, jobs, threads_per_job,
+                  dask_scheduler, overwrite):
     """Run the teacher once over the fused shards; store its targets at the single-scan points."""
     import os
 
     from pipeline.cache_teacher import CacheConfig, run_cache
 
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
-    cfg = CacheConfig(logit_encoding, feature_encoding, "dec4", csv_list(splits), backend, device, threads)
+    cfg = CacheConfig(logit_encoding, feature_encoding, feature_layer, csv_list(splits), backend, device, threads)
+    announce_backend(backend)
     bar = Progress("cache-teacher")
     summary = run_cache(run_dir, teacher, cfg, jobs=jobs, overwrite=overwrite, progress=bar, dask_scheduler=dask_scheduler)
     bar.close()
@@ -230,6 +251,7 @@ def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, bac
                    max_scans=max_scans, progress=bar)
     bar.close()
     print_table(out["table"])
+    print_instances(out["instances"])
     click.echo(f"reports in {out['out_dir']}")
 
 
@@ -272,11 +294,14 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
                f"{result['prepare']['median_points_per_hard_instance_single']:.0f} (single) -> "
                f"{result['prepare']['median_points_per_hard_instance_fused']:.0f} (fused, median)\n")
     print_table(result["table"])
+    print_instances(result["instances"])
     effect = result["effect"]
     for metric, label in (("hard_miou", "hard-class mIoU"), ("miou", "mIoU")):
         e = effect[metric]
         spread = f" (per seed {', '.join(f'{d:+.3f}' for d in e['per_seed'])})" if len(e["per_seed"]) > 1 else ""
-        click.echo(f"distillation effect on {label}: {e['mean']:+.3f}{spread}")
+        ci = f", 95% CI [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]" if e["ci_low"] is not None else ""
+        click.echo(f"distillation effect on {label}: {e['mean']:+.3f}{spread}{ci}")
+    click.echo(f"pictures: {', '.join(result['pictures'].values())}")
     click.echo(f"\nreports in {result['out_dir']}; total {time.perf_counter() - t0:.0f} s")
 
 
@@ -296,6 +321,84 @@ def bench(out_dir, frames, depth, repeats, gpu, quick):
                        announce=lambda msg: click.echo(f"== {msg}", err=True))
     click.echo(format_table(result))
     click.echo(f"\nwritten {result['path']}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", default=None, help="Where the PNGs go (default RUN_DIR/show).")
+@click.option("--views", default="bev,fusion,cache", show_default=True,
+              help="bev: one val scan, ground truth beside each checkpoint; fusion: one hard-class instance before/after "
+                   "fusion; cache: teacher-cache targets beside the students on one train scan.")
+@click.option("--checkpoint", "checkpoints", multiple=True, metavar="NAME|PATH",
+              help="A run name under RUN_DIR (distilled, baseline-s1, ...) or a model.pt (repeatable; default: "
+                   "baseline, distilled, teacher).")
+@click.option("--scan", default=None, metavar="SEQ/FRAME", help="Scan for bev and fusion (default: the one with most hard-class instances).")
+@click.option("--cache-scan", default=None, metavar="SEQ/FRAME", help="Scan for the cache view (a cached train scan).")
+@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@friendly_errors
+def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device):
+    """PNG pictures of a run: predictions from above, fusion of one instance, teacher targets."""
+    from pipeline.show import run_show
+
+    written = run_show(run_dir, out_dir, checkpoints or None, csv_list(views) or (), scan, cache_scan, backend, device)
+    for view, info in written.items():
+        click.echo(f"{view}: {info['path']} (scan {info['scan']})")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="runs/demo", show_default=True,
+              help="A demo directory: its data, teacher and cache are reused (made first if missing).")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, metavar="S1,S2,...", help="Student seeds, one distilled/baseline pair each.")
+@click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the data and the teacher (the demo's --seed).")
+@click.option("--kd-forms", default="kl", show_default=True, metavar="kl[,release]",
+              help="Logit forms to compare, each paired with the same baselines.")
+@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a training config key.")
+@friendly_errors
+def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
+    """Distillation effect over paired seeds: mean, 95% t-interval and per-seed values per class,
+    for hard-class mIoU, mIoU and the sparse-instance buckets. Re-running adds seeds."""
+    from m2skd.losses import KD_FORMS
+    from m2skd.train_config import parse_overrides
+    from pipeline.study import run_study
+
+    try:
+        seed_list = [int(v) for v in csv_list(seeds) or ()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
+    forms = csv_list(kd_forms) or ("kl",)
+    bad = [f for f in forms if f not in KD_FORMS]
+    if bad or not seed_list:
+        raise click.BadParameter(f"seeds and forms ({', '.join(KD_FORMS)}) needed, got {seeds!r} / {kd_forms!r}")
+    bars = []
+
+    def progress_factory(name):
+        for bar in bars:
+            bar.close()
+        bars[:] = [Progress(name, unit="step" if name.startswith("train") else "scan")]
+        return bars[0]
+
+    result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, kd_forms=forms,
+                       overrides=parse_overrides(overrides), on_stage=lambda name: click.echo(f"== {name}", err=True),
+                       progress_factory=progress_factory)
+    for bar in bars:
+        bar.close()
+    table = result["table"]
+    shown = table[(table["group"] == "summary") | ((table["group"] == "class IoU") & table["hard"])
+                  | (table["group"].str.startswith("instances") & table["metric"].str.endswith("hit rate"))]
+    click.echo(f"\ndistillation effect over seeds {', '.join(map(str, result['seeds']))} (distilled - baseline):")
+    click.echo(shown.drop(columns=["hard"]).to_string(index=False, float_format=lambda v: f"{v:+.3f}", na_rep="-"))
+    click.echo(f"\nall classes and instance buckets in {result['out_dir']}/study.csv; {result['seconds']:.0f} s")
+
+
+def print_instances(table) -> None:
+    """The sparse-instance buckets, checkpoints side by side (mean point recall, hit rate)."""
+    if table is None or not len(table):
+        return
+    click.echo("\nhard-class instances (recall: mean point recall; hit: share with recall >= 0.5):")
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
 
 
 def print_table(table) -> None:

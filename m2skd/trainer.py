@@ -21,6 +21,7 @@ from .dataset_spec import load_spec
 from .errors import DataError, M2SKDError, StaleInputError
 from .fingerprint import fingerprint_bytes, fingerprint_json
 from .inference import autocast, evaluate
+from .manifest import read_manifest
 from .losses import FeatureAdapter, distillation_loss, segmentation_loss
 from .metrics import summarize
 from .models import build_model, resolve_backend
@@ -160,8 +161,8 @@ class StudentNet(torch.nn.Module):
         self.model = model
         self.adapter = adapter
 
-    def forward(self, coords, feats, feature_names=()):
-        return self.model(coords, feats, feature_names=feature_names)
+    def forward(self, coords, feats, features=()):
+        return self.model(coords, feats, features=features)
 
 
 def train_record(run: RunDir, role: str, name: str, cfg: TrainConfig, manifest_fingerprint: str, cache_record: dict | None,
@@ -178,6 +179,27 @@ def train_record(run: RunDir, role: str, name: str, cfg: TrainConfig, manifest_f
     record["fingerprint"] = fingerprint_json({k: record[k] for k in ("role", "config_fingerprint", "manifest_fingerprint",
                                                                       "cache_fingerprint")})
     return record
+
+
+def current_model(run_dir, name: str, role: str, cfg: TrainConfig) -> str | None:
+    """RUN/name/model.pt if it is what training `role` with `cfg` on the run's current shards
+    (and, for a distilled student, its current cache) would give; None if absent or stale."""
+    run = RunDir(run_dir)
+    path = run.model_dir(name) / "model.pt"
+    if not path.is_file() or not run.manifest.is_file():
+        return None
+    try:
+        ckpt = read_checkpoint(path)
+    except DataError:
+        return None
+    cache_record = None
+    if role == "student" and cfg.distill_enabled():
+        cache_json = run.teacher_cache / "cache.json"
+        cache_record = read_json(cache_json) if cache_json.is_file() else {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    expected = train_record(run, role, name, cfg, read_manifest(run.manifest)[1]["content_fingerprint"], cache_record, world)
+    same_length = ckpt["config"].get("steps") == cfg.steps and ckpt["config"].get("epochs") == cfg.epochs
+    return str(path) if same_length and ckpt.get("record", {}).get("fingerprint") == expected["fingerprint"] else None
 
 
 def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str) -> dict:
@@ -352,7 +374,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         net.train()
         return summary
 
-    feature_names = (cfg.feature_layer,) if distill else ()
+    features = (cfg.feature_layer,) if distill else ()
     net.train()
     t_start = time.perf_counter()
     step = start_step
@@ -360,7 +382,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         batch = to_device(batch, ctx.device)
         logs = training_step(net, batch, cfg, optimizer, scheduler, scaler, student.parameters(), ctx.device,
                              distill, adapter, seed=cfg.seed * 1_000_003 + step,
-                             feature_names=feature_names, class_weights=class_weights)
+                             features=features, class_weights=class_weights)
         step += 1
         if writer and (step % cfg.log_every == 0 or step == total_steps):
             for key, value in logs.items():
@@ -405,12 +427,12 @@ def check_resumable(path, old: dict, new: dict, allow_world_size_change: bool) -
 
 
 def training_step(net, batch: dict, cfg: TrainConfig, optimizer, scheduler, scaler, params, device, distill: bool = False,
-                  adapter=None, seed: int = 0, feature_names=(), class_weights=None) -> dict:
+                  adapter=None, seed: int = 0, features=(), class_weights=None) -> dict:
     """One optimisation step; with `distill` (a student with a teacher cache in the batch) the
     distillation terms are added. Returns the loss terms as floats for logging."""
     params = list(params)
     with autocast(device, cfg.amp):
-        out = net(batch["coords"], batch["feats"], feature_names=feature_names)
+        out = net(batch["coords"], batch["feats"], features=features)
     logits = out.logits.float()
     total, seg_parts = segmentation_loss(logits, batch["label"], lovasz_weight=cfg.lovasz_weight, class_weights=class_weights)
     logs = {"ce": seg_parts["ce"], "lovasz": seg_parts["lovasz"]}

@@ -53,7 +53,7 @@ def teacher_outputs(model, points: np.ndarray, voxel_size: float, layer: str, de
     coords = np.concatenate([np.zeros((len(points), 1), np.int32), voxel_coords(points[:, :3], voxel_size)], axis=1)
     feats = points.astype(np.float32)
     with torch.no_grad():
-        out = model(torch.from_numpy(coords).to(device), torch.from_numpy(feats).to(device), feature_names=(layer,))
+        out = model(torch.from_numpy(coords).to(device), torch.from_numpy(feats).to(device), features=(layer,))
     return out.logits.float().cpu().numpy(), out.features[layer].float().cpu().numpy()
 
 

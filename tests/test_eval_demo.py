@@ -1,16 +1,21 @@
 """eval and demo end to end at a tiny size: reports, .label submissions, comparison table."""
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from m2skd import semantickitti as sk
+from m2skd.dataset import instance_key
 from m2skd.dataset_spec import load_spec
+from m2skd.render import figure_px
 from m2skd.trainer import load_checkpoint
 from m2skd.transforms import voxel_coords
 from pipeline.demo import run_demo
 from pipeline.evaluate import run_eval
+from pipeline.study import run_study
 
 SPEC = load_spec()
 
@@ -89,3 +94,79 @@ def test_saved_labels_read_back_as_the_predicted_classes(demo, tmp_path):
             pred = model(torch.from_numpy(coords), torch.from_numpy(points.copy())).logits.argmax(1).numpy()
         assert np.array_equal(SPEC.learning_lut[raw & 0xFFFF], pred)
         assert set(np.unique(raw)) <= set(SPEC.learning_map_inv.values())
+
+
+def test_eval_reports_sparse_instances_of_every_hard_class_instance(demo):
+    out, result = demo
+    run = out / "run"
+    seq = sk.Sequence(out / "data", "08")
+    by_scan = []  # distinct hard-class instances per scan, straight from the label files
+    for frame in seq.frames:
+        raw = sk.read_label(seq.label_path(frame), learning_lut=SPEC.learning_lut)
+        keys = instance_key(SPEC.learning_lut[raw & 0xFFFF].astype(np.int64), raw >> 16, SPEC.hard_mask)
+        by_scan.append(len(np.unique(keys[keys > 0])))
+    metrics = json.loads((run / "eval/metrics.json").read_text())
+    counts = None
+    for label, m in metrics.items():
+        inst = m["instances"]
+        assert [r["bucket"] for r in inst["by_points"]] == ["1-9", "10-29", "30-99", "100+"]
+        assert [r["bucket"] for r in inst["by_range"]] == ["0-15", "15-30", "30+"]
+        for grouping in ("by_points", "by_range"):
+            assert sum(r["count"] for r in inst[grouping]) == sum(by_scan)
+            for r in inst[grouping]:
+                assert set(r) == {"bucket", "count", "point_recall", "hit_rate"}
+                assert (r["hit_rate"] is None) == (r["count"] == 0)
+        counts = counts or [r["count"] for r in inst["by_points"]]
+        assert [r["count"] for r in inst["by_points"]] == counts  # the same ground truth for every checkpoint
+    assert (run / "eval/instances.png").is_file() and (run / "eval/instances.csv").is_file()
+    assert list(result["instances"]["count"]) == counts + [r["count"] for r in metrics["baseline"]["instances"]["by_range"]]
+
+
+def test_demo_writes_show_pictures_of_the_expected_size(demo):
+    out, result = demo
+    show = out / "run/show"
+    record = json.loads((show / "show.json").read_text())
+    assert record["bev"]["checkpoints"] == ["baseline", "distilled", "teacher"]
+    assert Image.open(show / "bev.png").size == figure_px(4)  # ground truth + 3 checkpoints
+    assert Image.open(show / "fusion.png").size == figure_px(2, 2)
+    assert record["fusion"]["fused_points"] > 0
+    assert record["cache"]["checkpoints"] == ["teacher cache (argmax)", "baseline", "distilled"]
+    assert Image.open(show / "cache.png").size == figure_px(4)
+
+
+def test_study_resumes_adding_seeds_and_forms_without_retraining(demo):
+    out, _ = demo
+    run = out / "run"
+    first = run_study(out, [0, 1], size="tiny", backend="torch")
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/model.pt")}
+    evals = {p.parent.name: p.stat().st_mtime_ns for p in (run / "study/eval").glob("*/metrics.json")}
+    assert {"distilled", "baseline", "distilled-s1", "baseline-s1", "teacher"} <= set(stamps) and set(evals) >= {"distilled-s1"}
+    assert first["pairs"] == {"kl": [("distilled", "baseline"), ("distilled-s1", "baseline-s1")]}
+
+    second = run_study(out, [0, 1, 2], size="tiny", backend="torch", kd_forms=("kl", "release"))
+    for name, stamp in stamps.items():
+        assert (run / name / "model.pt").stat().st_mtime_ns == stamp, f"{name} was retrained"
+    for name, stamp in evals.items():
+        assert (run / "study/eval" / name / "metrics.json").stat().st_mtime_ns == stamp, f"{name} was re-evaluated"
+    for name in ("distilled-s2", "baseline-s2", "distilled-release", "distilled-release-s1", "distilled-release-s2"):
+        assert (run / name / "model.pt").is_file(), name
+    assert json.loads((run / "distilled-release-s2/train.json").read_text())["config"]["kd_form"] == "release"
+
+    record = json.loads((run / "study/study.json").read_text())
+    assert record["seeds"] == [0, 1, 2] and record["kd_forms"] == ["kl", "release"]
+    assert record["pairs"]["release"] == [["distilled-release", "baseline"], ["distilled-release-s1", "baseline-s1"],
+                                          ["distilled-release-s2", "baseline-s2"]]
+    for form, pairs in record["pairs"].items():
+        metric = lambda name: json.loads((run / "study/eval" / name / "metrics.json").read_text())[name]["hard_miou"]
+        deltas = [metric(d) - metric(b) for d, b in pairs]
+        e = record["effects"][form]["hard_miou"]
+        mean = sum(deltas) / 3
+        sd = math.sqrt(sum((x - mean) ** 2 for x in deltas) / 2)
+        half = 4.3026527 * sd / math.sqrt(3)  # t_{0.975, 2} from a printed table
+        assert e["per_seed"] == pytest.approx(deltas) and e["mean"] == pytest.approx(mean)
+        assert e["ci_low"] == pytest.approx(mean - half, abs=1e-7) and e["ci_high"] == pytest.approx(mean + half, abs=1e-7)
+        assert set(record["effects"][form]["per_class"]) == set(SPEC.class_names[1:])
+        assert set(record["effects"][form]["instances"]["by_points"]) == {"1-9", "10-29", "30-99", "100+"}
+    table = second["table"]
+    assert len(table[(table["group"] == "summary")]) == 4 and {"seed 0", "seed 1", "seed 2"} <= set(table.columns)
+    assert (run / "study/study.csv").is_file() and (run / "study/study.png").is_file()
