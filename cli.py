@@ -161,7 +161,9 @@ def run_training(role, run_dir, config_path, overrides, backend, amp, steps, nam
     from m2skd.trainer import train
 
     values = parse_overrides(overrides)
-    values.update({k: v for k, v in {"backend": backend, "amp": amp, "steps": steps}.items() if v is not None})
+    values.update({k: v for k, v in {"backend": backend, "amp": amp}.items() if v is not None})
+    if steps is not None:  # a step count asked for on the command line replaces an epoch-based schedule
+        values.update(steps=steps, epochs=None)
     cfg = load_config(config_path or "semantickitti", values)
     if no_distill:
         cfg = cfg.no_distill()
