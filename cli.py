@@ -51,6 +51,24 @@ class Progress:
         self.bar.close()
 
 
+class StageBars:
+    """One progress bar at a time for a multi-stage command: calling it with a stage name
+    closes the previous stage's bar and opens the next."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, name: str) -> Progress:
+        self.close()
+        self.bar = Progress(name, unit="step" if name.startswith("train") else "scan")
+        return self.bar
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def echo_summary(title: str, summary: dict) -> None:
     click.echo(f"{title}:")
     for key, value in summary.items():
@@ -274,13 +292,7 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
     from pipeline.demo import run_demo
 
     t0 = time.perf_counter()
-    bars = []
-
-    def progress_factory(name):
-        for bar in bars:
-            bar.close()
-        bars[:] = [Progress(name, unit="step" if name.startswith("train") else "scan")]
-        return bars[0]
+    progress_factory = StageBars()
 
     seeds = None
     if student_seeds:
@@ -290,8 +302,7 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
             raise click.BadParameter(f"expected comma-separated integers, got {student_seeds!r}", param_hint="--student-seeds")
     result = run_demo(out_dir, size=size, seed=seed, backend=backend, overrides=parse_overrides(overrides),
                       student_seeds=seeds, on_stage=lambda name: click.echo(f"== {name}", err=True), progress_factory=progress_factory)
-    for bar in bars:
-        bar.close()
+    progress_factory.close()
     click.echo(f"\nm2skd demo: {result['prepare']['scans']} synthetic scans, hard-class points per instance "
                f"{result['prepare']['median_points_per_hard_instance_single']:.0f} (single) -> "
                f"{result['prepare']['median_points_per_hard_instance_fused']:.0f} (fused, median)\n")
@@ -374,19 +385,12 @@ def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
     bad = [f for f in forms if f not in KD_FORMS]
     if bad or not seed_list:
         raise click.BadParameter(f"seeds and forms ({', '.join(KD_FORMS)}) needed, got {seeds!r} / {kd_forms!r}")
-    bars = []
-
-    def progress_factory(name):
-        for bar in bars:
-            bar.close()
-        bars[:] = [Progress(name, unit="step" if name.startswith("train") else "scan")]
-        return bars[0]
+    progress_factory = StageBars()
 
     result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, kd_forms=forms,
                        overrides=parse_overrides(overrides), on_stage=lambda name: click.echo(f"== {name}", err=True),
                        progress_factory=progress_factory)
-    for bar in bars:
-        bar.close()
+    progress_factory.close()
     table = result["table"]
     shown = table[(table["group"] == "summary") | ((table["group"] == "class IoU") & table["hard"])
                   | (table["group"].str.startswith("instances") & table["metric"].str.endswith("hit rate"))]
