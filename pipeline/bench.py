@@ -19,14 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from m2skd import semantickitti as sk
 from m2skd.dataset import ScanDataset, collate, to_device
 from m2skd.fusion import FusionConfig
 from m2skd.losses import FeatureAdapter
-from m2skd.models import build_model, count_parameters
+from m2skd.models import build_model, count_parameters, sparse_torch
 from m2skd.models.me_compat import minkowski_available
-from m2skd.ragged import write_json_atomic, write_ragged
+from m2skd.atomic import write_json_atomic
+from m2skd.ragged import write_ragged
 from m2skd.rundir import RunDir
 from m2skd.synth import SynthConfig, generate_dataset
 from m2skd.teacher_cache import FEATURE_ENCODINGS, LOGIT_ENCODINGS, decode_features, decode_logits, encode_features, encode_logits, kl_error
@@ -43,6 +45,7 @@ BUDGETS = {
     "online_vs_baseline_step": (">=", 1.8),
     "prepare_vs_io_rate": (">=", 0.5),
     "torch_vs_minkowski_backbone": ("<=", 2.0),
+    "torch_vs_minkowski_conv_cpu": ("<=", 0.6),
 }
 
 
@@ -176,21 +179,24 @@ def bench_train_steps(run: Path, backend: str, depth: int, repeats: int, device:
 
     def stepper(teacher_width: int | None):
         """A step function with its own adapter/optimiser (the cached and online teachers differ in width)."""
-        adapter = FeatureAdapter(student.feature_channels["dec4"], teacher_width).to(device) if teacher_width else None
+        adapter = FeatureAdapter(student.feature_channels[cfg.feature_layer], teacher_width).to(device) if teacher_width else None
         params = list(student.parameters()) + (list(adapter.parameters()) if adapter else [])
         optimizer = torch.optim.AdamW(params, lr=1e-4)
-        return lambda b: training_step(student, b, cfg, optimizer, None, scaler, params, device, adapter)
+        distill = adapter is not None
+        features = (cfg.feature_layer,) if distill else ()
+        return lambda b: training_step(student, b, cfg, optimizer, None, scaler, params, device, distill, adapter,
+                                       features=features)
 
     plain_step = stepper(None)
     cached_step = stepper(batch["teacher_feats"].shape[1])
-    online_step = stepper(teacher.feature_channels["dec4"])
+    online_step = stepper(teacher.feature_channels[cfg.feature_layer])
     n_single = int(batch["n_single"][0])
 
     def online():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            out = teacher(fused_batch["coords"], fused_batch["feats"])
+            out = teacher(fused_batch["coords"], fused_batch["feats"], features=(cfg.feature_layer,))
         targets = dict(batch, teacher_logits=out.logits[:n_single].float(),
-                       teacher_feats=out.features["dec4"][:n_single][batch["teacher_feat_index"]].float())
+                       teacher_feats=out.features[cfg.feature_layer][:n_single][batch["teacher_feat_index"]].float())
         online_step(targets)
 
     baseline = timed(lambda: plain_step(batch), repeats, sync=sync)
@@ -215,12 +221,81 @@ def bench_backbone(run: Path, backend: str, depth: int, repeats: int, device: to
 
     def fwd_bwd():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits = model(batch["coords"], batch["feats"], feature_names=()).logits
+            logits = model(batch["coords"], batch["feats"]).logits
         torch.nn.functional.cross_entropy(logits.float(), batch["label"]).backward()
         model.zero_grad(set_to_none=True)
 
-    return {"backend": model.backend, "amp": amp, "depth": depth, "seconds": timed(fwd_bwd, repeats, sync=sync),
-            "points": int(batch["coords"].shape[0]), "params": count_parameters(model)}
+    seconds = timed(fwd_bwd, repeats, sync=sync)
+    row = {"backend": model.backend, "amp": amp, "depth": depth, "seconds": seconds,
+           "points": int(batch["coords"].shape[0]), "params": count_parameters(model)}
+    if model.backend == "torch":
+        with torch.no_grad(), sparse_torch.record_convs() as convs:
+            model(batch["coords"], batch["feats"])
+        forward = sum(2.0 * pairs * c_in * c_out for pairs, c_in, c_out in convs)
+        row["conv_gflop_fwd_bwd"] = 3 * forward / 1e9  # backward: grad_x and grad_w, 2x forward
+        row["conv_gflop_per_s"] = row["conv_gflop_fwd_bwd"] / seconds
+    return row
+
+
+# --- sparse convolution: efficiency and dispatches ----------------------------------------
+
+def dense_gemm_gflops(device: torch.device, size: int = 2048, repeats: int = 3) -> float:
+    """fp32 GEMM rate of this machine at the current thread count (the conv's ceiling)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    return 2 * size**3 / timed(lambda: a @ b, repeats, sync=sync) / 1e9
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts non-view aten operations (what a GPU launches, roughly one kernel each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def conv_dispatches(coords: torch.Tensor, width: int = 32) -> dict:
+    """Dispatches of one 3x3x3 stride-1 conv forward / backward (kernel map prebuilt) per grouping."""
+    out = {}
+    previous = sparse_torch.GROUPING
+    try:
+        for grouping in ("gpu", "cpu"):
+            sparse_torch.GROUPING = grouping
+            ctx, _ = sparse_torch.SparseContext.from_coordinates(coords)
+            kmap = ctx.kernel_map(1, 1, 3)
+            x = torch.randn(kmap.n_in, width, device=coords.device, requires_grad=True)
+            w = torch.randn(27, width, width, device=coords.device, requires_grad=True)
+            sparse_torch.sparse_conv(x, w, kmap)  # CPU scratch buffers grow once
+            with _CountOps() as fwd:
+                y = sparse_torch.sparse_conv(x, w, kmap)
+            grad = torch.randn_like(y)
+            with _CountOps() as bwd:
+                torch.autograd.grad(y, (x, w), grad)
+            out[grouping] = {"forward": fwd.count, "backward": bwd.count}
+    finally:
+        sparse_torch.GROUPING = previous
+    return out
+
+
+def bench_sparse_conv(run: Path, backbone_rows: list[dict], device: torch.device) -> dict:
+    """Torch backend vs MinkowskiEngine, achieved conv rate vs dense GEMM, dispatches per conv."""
+    torch_row = next(r for r in backbone_rows if r["backend"] == "torch" and r["amp"] == "none")
+    me_row = next((r for r in backbone_rows if r["backend"] == "minkowski"), None)
+    dense = dense_gemm_gflops(device)
+    spec = spec_for_run(RunDir(run))
+    ds = ScanDataset(run, spec, ("train",), "single", load_config("semantickitti").voxel_size, None)
+    coords = to_device(collate([ds[0]]), device)["coords"]
+    return {"threads": torch.get_num_threads(), "grouping": sparse_torch.grouping_for(device),
+            "torch_s": torch_row["seconds"], "minkowski_s": me_row["seconds"] if me_row else None,
+            "torch_vs_minkowski": torch_row["seconds"] / me_row["seconds"] if me_row else None,
+            "conv_gflop_fwd_bwd": torch_row["conv_gflop_fwd_bwd"], "conv_gflop_per_s": torch_row["conv_gflop_per_s"],
+            "dense_gemm_gflop_per_s": dense, "conv_vs_dense_gemm": torch_row["conv_gflop_per_s"] / dense,
+            "dispatches_per_conv": conv_dispatches(coords)}
 
 
 # --- the whole run ------------------------------------------------------------------------
@@ -266,6 +341,8 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
             result["train_step"].append(bench_train_steps(run, backend, depth, repeats, device, amp))
             announce(f"backbone: {backend} {amp}")
             result["backbone"].append(bench_backbone(run, backend, depth, repeats, device, amp))
+    announce("sparse conv: efficiency and dispatches")
+    result["sparse_conv"] = bench_sparse_conv(run, result["backbone"], device)
 
     announce("eval")
     ckpt = work / "eval_model.pt"
@@ -298,6 +375,8 @@ def check_budgets(result: dict) -> list[dict]:
     bb = {r["backend"]: r["seconds"] for r in result["backbone"] if r["amp"] == "none"}
     if "minkowski" in bb:
         ratios["torch_vs_minkowski_backbone"] = bb["torch"] / bb["minkowski"]
+        if result["device"] == "cpu":
+            ratios["torch_vs_minkowski_conv_cpu"] = bb["torch"] / bb["minkowski"]
     out = []
     for name, value in ratios.items():
         op, bound = BUDGETS[name.split("[")[0]]
@@ -323,6 +402,17 @@ def format_table(result: dict) -> str:
                      f"(x{r['online_vs_baseline_step']:.2f}); {r['points']} points")
     for r in result["backbone"]:
         lines.append(f"backbone {r['backend']:<11} {r['amp']:<4} fwd+bwd {r['seconds']:.2f} s/scan ({r['params'] / 1e6:.1f} M params)")
+    sc = result.get("sparse_conv")
+    if sc:
+        vs_me = f"{sc['torch_vs_minkowski']:.2f}x MinkowskiEngine's time" if sc["torch_vs_minkowski"] else "no MinkowskiEngine"
+        d = sc["dispatches_per_conv"]
+        lines += [
+            f"sparse conv (torch)       fwd+bwd {sc['torch_s']:.2f} s = {vs_me}; {sc['conv_gflop_fwd_bwd']:.0f} GFLOP of conv "
+            f"(pairs x Cin x Cout x 2, x3) at {sc['conv_gflop_per_s']:.1f} GFLOP/s = {sc['conv_vs_dense_gemm']:.2f} of dense GEMM "
+            f"({sc['dense_gemm_gflop_per_s']:.0f} GFLOP/s, {sc['threads']} threads)",
+            f"dispatches per 3^3 conv   GPU grouping {d['gpu']['forward']} fwd / {d['gpu']['backward']} bwd; "
+            f"CPU grouping {d['cpu']['forward']} fwd / {d['cpu']['backward']} bwd (this run: {sc['grouping']})",
+        ]
     for r in result["cache_encodings"]:
         err = f"KL {r['kl_nats']:.2e} nats" if r["kind"] == "logits" else f"rel. MSE {r['relative_mse']:.2e}"
         lines.append(f"cache {r['kind']:<8} {r['encoding']:<5} {r['bytes_per_point']:.2f} B/point, {err}")

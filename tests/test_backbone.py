@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from m2skd.models import build_model, count_parameters, resolve_backend
+from m2skd.models import FEATURE_NAMES, build_model, count_parameters, resolve_backend
 from m2skd.models import sparse_torch
 from m2skd.models.layers import SparseConv, SparseConvTranspose, voxelize
 from m2skd.models.me_compat import import_minkowski
@@ -114,25 +114,26 @@ def test_torch_conv_gradcheck(kernel_size, stride, transposed):
     assert torch.autograd.gradcheck(fn, (feats, weight), fast_mode=True)
 
 
-@pytest.mark.parametrize("variant", ["per_offset", "grouped"])
+@pytest.mark.parametrize("variant", ["gpu_grouping", "chunked"])
 def test_alternative_code_paths_match_fused_path(monkeypatch, variant):
-    """The GPU / low-precision path (per-offset index_add_) and the memory-bounded grouped CPU
-    path agree with the single-SpMM CPU path, forward and backward."""
+    """The GPU's offset grouping (few padded buckets) and the memory-bounded chunked path agree
+    with the CPU grouping in one chunk, forward and backward."""
     coords, feats = scene(1500, seed=2, dtype=torch.float64)
     model = build_model(4, 5, depth=18, backend="torch", **SMALL).double()
 
     def run():
         model.zero_grad()
         point_feats = feats.clone().requires_grad_(True)
-        out = model(coords, point_feats)
-        out.logits.square().sum().backward()
+        out = model(coords, point_feats, features=("dec3",))
+        (out.logits.square().sum() + out.features["dec3"].sum()).backward()
         return out.logits.detach(), point_feats.grad, [p.grad.clone() for p in model.parameters()]
 
+    monkeypatch.setattr(sparse_torch, "GROUPING", "cpu")
     ref = run()
-    if variant == "per_offset":
-        monkeypatch.setattr(sparse_torch, "_use_spmm", lambda x: False)
+    if variant == "gpu_grouping":
+        monkeypatch.setattr(sparse_torch, "GROUPING", "gpu")
     else:
-        monkeypatch.setattr(sparse_torch, "_FUSED_MAX_ELEMENTS", 4000)
+        monkeypatch.setattr(sparse_torch, "_MAX_CHUNK_ELEMENTS", 4000)
     alt = run()
     assert rel_err(alt[0], ref[0]) < 1e-10
     assert rel_err(alt[1], ref[1]) < 1e-10
@@ -151,7 +152,14 @@ def test_public_api_and_parameter_counts():
     with pytest.raises(ValueError):
         resolve_backend("spconv")
     coords, feats = scene(800, seed=3)
-    out = build_model(4, 7, depth=18, backend="torch", **SMALL)(coords, feats)
+    model = build_model(4, 7, depth=18, backend="torch", **SMALL)
+    assert model(coords, feats).features == {}  # none unless asked for
+    with pytest.raises(KeyError, match="features=\\('dec4',\\)"):
+        model(coords, feats).features["dec4"]
+    with pytest.raises(ValueError):
+        model(coords, feats, features=("dec5",))
+    assert set(model(coords, feats, features=("dec2",)).features) == {"dec2"}
+    out = model(coords, feats, features=FEATURE_NAMES)
     assert out.logits.shape == (800, 7)
     assert {k: v.shape[1] for k, v in out.features.items()} == {"dec1": 16, "dec2": 12, "dec3": 8, "dec4": 8}
     assert all(v.shape[0] == 800 for v in out.features.values())
@@ -164,9 +172,9 @@ def _slice_checks(backend):
     coords = torch.cat([coords, coords[:50]])  # exact duplicates: same voxel, same features
     feats = torch.cat([feats, feats[:50]])
     with torch.no_grad():
-        out = model(coords, feats)
+        out = model(coords, feats, features=FEATURE_NAMES)
         perm = torch.randperm(len(coords))
-        out_perm = model(coords[perm], feats[perm])
+        out_perm = model(coords[perm], feats[perm], features=FEATURE_NAMES)
     assert out.logits.shape[0] == len(coords)
     torch.testing.assert_close(out_perm.logits, out.logits[perm], rtol=1e-4, atol=1e-5)
     for name in out.features:
@@ -252,7 +260,7 @@ def _checkpoint_checks(tmp_path, saved_under, loaded_under):
         model(coords, feats)  # populate BN running statistics
     model.eval()
     with torch.no_grad():
-        ref = model(coords, feats)
+        ref = model(coords, feats, features=FEATURE_NAMES)
     path = tmp_path / f"{saved_under}.pt"
     torch.save(model.state_dict(), path)
     other = build_model(4, 6, depth=18, backend=loaded_under, **SMALL)
@@ -260,7 +268,7 @@ def _checkpoint_checks(tmp_path, saved_under, loaded_under):
     other.load_state_dict(torch.load(path, weights_only=True))
     other.eval()
     with torch.no_grad():
-        out = other(coords, feats)
+        out = other(coords, feats, features=FEATURE_NAMES)
     assert rel_err(out.logits, ref.logits) < 1e-4
     for name in ref.features:
         assert rel_err(out.features[name], ref.features[name]) < 1e-4
@@ -333,7 +341,7 @@ def test_minkunet18_matches_minkowski(dtype, tol):
     for backend in ("torch", "minkowski"):
         model.set_backend(backend)
         model.zero_grad()
-        out = model(coords, feats)
+        out = model(coords, feats, features=("dec2",))
         weights = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
         ((out.logits * weights).sum() + out.features["dec2"].square().mean()).backward()
         results[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
@@ -343,6 +351,7 @@ def test_minkunet18_matches_minkowski(dtype, tol):
     assert worst[0] < tol, worst
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_torch_backend_on_cuda_matches_cpu():
     torch.manual_seed(3)

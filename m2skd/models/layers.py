@@ -56,12 +56,16 @@ class PointIndex:
     space: Any = None  # torch: SparseContext
     field: Any = None  # minkowski: TensorField
     fine_key: Any = None  # minkowski: key of the stride-1 sparse tensor made from ``field``
-    _rows: dict = dataclass_field(default_factory=dict)  # minkowski: cached point -> row maps
+    _rows: dict = dataclass_field(default_factory=dict)  # cached point -> row maps (per stride / key)
 
     def slice(self, x: SparseFeatures) -> Tensor:
         """(N, C): every point gets the features of the site containing it, in input order."""
         if self.backend == "torch":
-            return x.features.index_select(0, self.space.rows_at(self.inverse, x.stride))
+            gather = self._rows.get(x.stride)
+            if gather is None:  # backward by a CSR sum, not index_add_: deterministic on CUDA
+                rows = self.space.rows_at(self.inverse, x.stride)
+                gather = self._rows[x.stride] = sparse_torch.RowGather(rows, x.features.shape[0])
+            return gather(x.features)
         return x.features.index_select(0, self._me_rows(x))
 
     def _me_rows(self, x: SparseFeatures) -> Tensor:

@@ -14,9 +14,30 @@ conventions exactly so weights are interchangeable:
 
 Sites at every stride are kept sorted by a packed int64 key, so a row index *is* the rank of
 the key and neighbour lookup is one ``torch.searchsorted`` over all kernel offsets at once.
+
+One convolution algorithm runs on every device, so the code the CPU tests compare with
+MinkowskiEngine is the code a GPU runs:
+
+* the kernel offsets that have pairs are sorted by pair count and cut into a few *buckets*;
+  a bucket is one ``(offsets, rows, C)`` block (each offset's pairs padded to the bucket's
+  largest count), gathered with one ``index_select`` and multiplied by its kernels with one
+  ``torch.bmm``;
+* the products are summed into the output rows by one CSR sparse-matrix product (0/1 matrix,
+  deterministic on CPU and CUDA, no atomics); the centre of a stride-1 odd kernel is one dense
+  matmul whose result seeds that product (``addmm``);
+* partial sums are kept in fp32 whatever the autocast dtype and cast once at the end;
+* every index, padding and CSR structure is built with the kernel map (which synchronises with
+  the host once, to learn the pair counts) and cached on it: a convolution never synchronises.
+
+``GROUPING`` (env ``M2SKD_SPARSE_GROUPING``: ``auto``, ``gpu`` or ``cpu``) only chooses how many
+buckets there are: the GPU grouping uses at most ``GPU_BUCKETS`` (few launches; some padded
+rows), the CPU grouping one bucket per distinct pair count (no padding; launches are cheap on a
+CPU). ``auto`` picks by device; tests force ``gpu`` on CPU to check the GPU's grouping.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -29,10 +50,27 @@ from torch import Tensor
 # that keeps packing linear (shifting a coordinate shifts its key), which lets a kernel offset
 # be applied to keys directly.
 KEY_PAD = 1 << 10
-# Rows x channels above which the fused CPU path is split into offset groups (memory bound).
-_FUSED_MAX_ELEMENTS = 1 << 27
+# Gathered rows x channels above which one conv is split into chunks of offsets (bounds the
+# gathered and product matrices to ~512 MB in fp32).
+_MAX_CHUNK_ELEMENTS = 1 << 27
+
+#: Offset grouping in force: "auto" (by device), "gpu" or "cpu". Read from the environment
+#: once; tests may assign it (it applies to kernel maps built afterwards).
+GROUPING = os.environ.get("M2SKD_SPARSE_GROUPING", "auto")
+#: Batched GEMMs per convolution in the GPU grouping (3 keeps a 3x3x3 conv's backward within
+#: 16 dispatches; padding then costs ~20% more GEMM rows on LiDAR scans).
+GPU_BUCKETS = 3
+_REDUCED = (torch.float16, torch.bfloat16)
 
 
+def grouping_for(device: torch.device) -> str:
+    """The grouping a convolution on ``device`` uses under the current ``GROUPING`` setting."""
+    name = GROUPING
+    if name == "auto":
+        return "cpu" if torch.device(device).type == "cpu" else "gpu"
+    if name not in ("gpu", "cpu"):
+        raise ValueError(f"M2SKD_SPARSE_GROUPING must be auto, gpu or cpu, got {name!r}")
+    return name
 def kernel_offsets(kernel_size: int, device=None) -> Tensor:
     """(K, 3) int64 offsets in units of (tensor stride x dilation), in ME's order (x fastest)."""
     if kernel_size % 2:
@@ -101,78 +139,235 @@ class SiteSet:
         return pos, hit
 
 
+def _bucket_plan(counts: list[int], max_buckets: int | None) -> list[list[int]]:
+    """Offsets with pairs, by decreasing count, cut into runs that become batched GEMMs.
+
+    ``max_buckets=None``: one run per distinct count (no padding). Otherwise the cut into at
+    most ``max_buckets`` runs that minimises the padded rows sum(len(run) * max(run)), found
+    exactly by dynamic programming (at most 125 offsets).
+    """
+    ks = sorted((k for k, c in enumerate(counts) if c), key=lambda k: (-counts[k], k))
+    c = [counts[k] for k in ks]
+    n = len(c)
+    if not n:
+        return []
+    if max_buckets is None:
+        runs, start = [], 0
+        for i in range(1, n + 1):
+            if i == n or c[i] != c[start]:
+                runs.append(ks[start:i])
+                start = i
+        return runs
+    top = min(max_buckets, n)
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(top + 1)]
+    cut = [[0] * (n + 1) for _ in range(top + 1)]
+    cost[0][0] = 0
+    for b in range(1, top + 1):
+        for j in range(1, n + 1):
+            for i in range(b - 1, j):
+                v = cost[b - 1][i] + (j - i) * c[i]
+                if v < cost[b][j]:
+                    cost[b][j], cut[b][j] = v, i
+    b = min(range(1, top + 1), key=lambda b: (cost[b][n], b))
+    runs, j = [], n
+    while b:
+        i = cut[b][j]
+        runs.append(ks[i:j])
+        j, b = i, b - 1
+    return runs[::-1]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A run of slots processed together: layout rows [row0, row1), stored pairs [pair0, pair1);
+    ``pieces`` are (first row relative to row0, first slot, slots, rows per slot), one bmm each."""
+
+    slot0: int
+    slot1: int
+    row0: int
+    row1: int
+    pair0: int
+    pair1: int
+    pieces: tuple[tuple[int, int, int, int], ...]
+
+
+class _Layout:
+    """The pairs of one kernel map arranged for batched GEMMs (see the module docstring).
+
+    Slot ``s`` holds the pairs of kernel offset ``slot_offsets[s]`` in ``rows_per_slot`` padded
+    layout rows. Sides are physical: "a" is the map's input side, "b" its output side (a
+    transposed conv reads them the other way round). For each side it keeps the padded gather
+    index twice: padding -> row 0 (any real row; its products are never scattered) and padding
+    -> row n (a zero row appended by the caller, where padded rows must contribute nothing).
+    """
+
+    def __init__(self, in_idx: Tensor, out_idx: Tensor, counts: list[int], n_in: int, n_out: int,
+                 identity_offset: int | None, max_buckets: int | None):
+        device = in_idx.device
+        plan = _bucket_plan(counts, max_buckets)
+        self.slot_offsets_list = [k for run in plan for k in run]
+        self.buckets = []  # (first row, first slot, slots, rows per slot)
+        base = [0] * len(counts)
+        row = slot = 0
+        for run in plan:
+            per = counts[run[0]]
+            self.buckets.append((row, slot, len(run), per))
+            for j, k in enumerate(run):
+                base[k] = row + j * per
+            row += len(run) * per
+            slot += len(run)
+        self.rows = row
+        self.n = {"a": n_in, "b": n_out}
+        self.slot_pairs = [counts[k] for k in self.slot_offsets_list]
+        self.slot_offsets = torch.tensor(self.slot_offsets_list, dtype=torch.long, device=device)
+        # grad_w = cat(per-slot grads, [centre], [zeros]).index_select(0, inverse): ME order.
+        n_slots = len(self.slot_offsets_list)
+        extra = n_slots + (identity_offset is not None)
+        self.has_empty = any(c == 0 and k != identity_offset for k, c in enumerate(counts))
+        inverse = [extra] * len(counts)
+        for s, k in enumerate(self.slot_offsets_list):
+            inverse[k] = s
+        if identity_offset is not None:
+            inverse[identity_offset] = n_slots
+        self.inverse = torch.tensor(inverse, dtype=torch.long, device=device)
+
+        # Layout row of every stored pair (stored offset by offset, ME order), then the pairs
+        # re-ordered by layout row so that each slot's (and chunk's) pairs are contiguous.
+        total = sum(counts)
+        counts_t = torch.tensor(counts, dtype=torch.long, device=device)
+        starts_t = torch.cumsum(counts_t, 0) - counts_t
+        k_of_pair = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t, output_size=total)
+        pos = torch.tensor(base, dtype=torch.long, device=device)[k_of_pair]
+        pos += torch.arange(total, device=device) - starts_t[k_of_pair]
+        pos, order = torch.sort(pos)
+        self.pos = pos
+        self.idx = {"a": in_idx[order], "b": out_idx[order]}
+        self.gather = {}
+        for side, idx in self.idx.items():
+            for pad in (0, self.n[side]):
+                full = torch.full((self.rows,), pad, dtype=torch.long, device=device)
+                full[pos] = idx
+                self.gather[(side, pad != 0)] = full
+        self._chunks: dict[int, list[_Chunk]] = {}
+        self._csr: dict[tuple, Tensor] = {}
+        for chunk in self.chunks(1):  # the common single-chunk plan, ready for fp32
+            for side in ("a", "b"):
+                self.scatter(side, chunk, torch.float32)
+
+    def chunks(self, width: int) -> list[_Chunk]:
+        """Slots grouped so that one chunk's gathered rows x ``width`` stay bounded (host only)."""
+        max_rows = max(1, _MAX_CHUNK_ELEMENTS // max(width, 1))
+        if self.rows <= max_rows:
+            max_rows = self.rows  # one chunk: share its plan (and CSR) across widths
+        plan = self._chunks.get(max_rows)
+        if plan is not None:
+            return plan
+        plan, cur = [], None
+        pair = 0
+        for row0, slot0, n_slots, per in self.buckets:
+            for j in range(n_slots):
+                r, s = row0 + j * per, slot0 + j
+                if cur is not None and r + per - cur["row0"] > max_rows:
+                    plan.append(self._close(cur, pair))
+                    cur = None
+                if cur is None:
+                    cur = {"slot0": s, "row0": r, "pair0": pair, "pieces": []}
+                pieces = cur["pieces"]
+                if pieces and pieces[-1][3] == per and pieces[-1][1] + pieces[-1][2] == s:
+                    pieces[-1][2] += 1
+                else:
+                    pieces.append([r - cur["row0"], s, 1, per])
+                cur["slot1"], cur["row1"] = s + 1, r + per
+                pair += self.slot_pairs[s]
+        if cur is not None:
+            plan.append(self._close(cur, pair))
+        self._chunks[max_rows] = plan
+        return plan
+
+    @staticmethod
+    def _close(cur: dict, pair1: int) -> _Chunk:
+        return _Chunk(cur["slot0"], cur["slot1"], cur["row0"], cur["row1"], cur["pair0"], pair1,
+                      tuple(tuple(p) for p in cur["pieces"]))
+
+    def scatter(self, side: str, chunk: _Chunk, dtype: torch.dtype) -> Tensor:
+        """CSR 0/1 matrix (rows of ``side``) x (layout rows of ``chunk``): scatter-add as one SpMM.
+
+        Built without host synchronisation (row pointers by ``searchsorted``), cached per dtype.
+        """
+        key = (side, chunk.row0, chunk.row1, dtype)
+        csr = self._csr.get(key)
+        if csr is None:
+            idx = self.idx[side][chunk.pair0:chunk.pair1]
+            n_rows = self.n[side]
+            sorted_idx, order = torch.sort(idx, stable=True)
+            cols = (self.pos[chunk.pair0:chunk.pair1] - chunk.row0)[order]
+            crow = torch.searchsorted(sorted_idx, torch.arange(n_rows + 1, device=idx.device))
+            index_dtype = torch.int32 if max(idx.numel(), chunk.row1 - chunk.row0) < 2**31 - 1 else torch.int64
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                csr = torch.sparse_csr_tensor(
+                    crow.to(index_dtype), cols.to(index_dtype),
+                    torch.ones(idx.numel(), dtype=dtype, device=idx.device),
+                    size=(n_rows, chunk.row1 - chunk.row0), check_invariants=False,
+                )
+            self._csr[key] = csr
+        return csr
+
+
 class KernelMap:
     """Input/output row pairs of a sparse conv, grouped by kernel offset (ME order).
 
     ``identity_offset`` names an offset whose pairs are (i, i) for every row (the centre of a
     stride-1 odd kernel); its pairs are not stored and it is computed as one dense matmul.
-    A map and its transpose are twins sharing one cache of scatter matrices.
+    A map and its transpose are twins sharing one set of layouts (one per grouping).
     """
 
     def __init__(self, in_idx: Tensor, out_idx: Tensor, counts: list[int], n_in: int, n_out: int,
                  identity_offset: int | None = None):
         self.in_idx = in_idx
         self.out_idx = out_idx
-        self.counts = counts  # stored pairs per offset (0 for the identity offset)
+        self.counts = counts  # stored pairs per offset (0 for the identity offset), on the host
         self.n_in = n_in
         self.n_out = n_out
         self.identity_offset = identity_offset
-        self._scatter_cache: dict = {}
+        self._layouts: dict[str, _Layout] = {}
         self._flipped = False
         self._twin: KernelMap | None = None
-        self._segments = None
 
     @property
     def kernel_volume(self) -> int:
         return len(self.counts)
 
-    def segments(self) -> list[tuple[int, int, int]]:
-        """(offset, start, end) of each non-empty group of stored pairs."""
-        if self._segments is None:
-            out, start = [], 0
-            for k, count in enumerate(self.counts):
-                if count:
-                    out.append((k, start, start + count))
-                start += count
-            self._segments = out
-        return self._segments
+    @property
+    def num_pairs(self) -> int:
+        """Multiply-accumulate row pairs of one application (centre included): FLOPs / (2 Cin Cout)."""
+        return sum(self.counts) + (self.n_in if self.identity_offset is not None else 0)
+
+    @property
+    def sides(self) -> tuple[str, str]:
+        """(input side, output side) in the shared layout's physical naming."""
+        return ("b", "a") if self._flipped else ("a", "b")
 
     def transposed(self) -> "KernelMap":
-        """The same pairs with in and out swapped (built once, shares the scatter caches)."""
+        """The same pairs with in and out swapped (built once, shares the layouts)."""
         if self._twin is None:
             twin = KernelMap(self.out_idx, self.in_idx, self.counts, self.n_out, self.n_in,
                              self.identity_offset)
-            twin._scatter_cache = self._scatter_cache
+            twin._layouts = self._layouts
             twin._flipped = not self._flipped
             twin._twin, self._twin = self, twin
         return self._twin
 
-    def scatter_matrix(self, side: str, start: int, end: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """CSR (rows of ``side``) x (pairs start:end) 0/1 matrix: scatter-add as one SpMM.
-
-        On CPU, MKL's CSR SpMM is several times faster than ``index_add_`` for narrow rows.
-        """
-        physical = side if not self._flipped else ("in" if side == "out" else "out")
-        cache_key = (physical, start, end, dtype, device)
-        csr = self._scatter_cache.get(cache_key)
-        if csr is None:
-            idx = (self.out_idx if side == "out" else self.in_idx)[start:end]
-            n_rows = self.n_out if side == "out" else self.n_in
-            index_dtype = torch.int32 if idx.numel() < 2**31 - 1 else torch.int64
-            order = torch.sort(idx, stable=True).indices
-            crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=device)
-            crow[1:] = torch.cumsum(torch.bincount(idx, minlength=n_rows), 0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                csr = torch.sparse_csr_tensor(
-                    crow.to(index_dtype),
-                    order.to(index_dtype),
-                    torch.ones(idx.numel(), dtype=dtype, device=device),
-                    size=(n_rows, idx.numel()),
-                    check_invariants=False,
-                )
-            self._scatter_cache[cache_key] = csr
-        return csr
+    def layout(self, grouping: str) -> _Layout:
+        """The pairs arranged for ``grouping`` (built on first use; no host synchronisation)."""
+        lay = self._layouts.get(grouping)
+        if lay is None:
+            phys = self._twin if self._flipped else self
+            lay = _Layout(phys.in_idx, phys.out_idx, phys.counts, phys.n_in, phys.n_out, phys.identity_offset,
+                          GPU_BUCKETS if grouping == "gpu" else None)
+            self._layouts[grouping] = lay
+        return lay
 
 
 class SparseContext:
@@ -226,18 +421,20 @@ class SparseContext:
         return rows
 
     def kernel_map(self, in_stride: int, out_stride: int, kernel_size: int, dilation: int = 1) -> KernelMap:
-        """Regular-conv map from sites at ``in_stride`` to sites at ``out_stride`` (cached)."""
+        """Regular-conv map from sites at ``in_stride`` to sites at ``out_stride`` (cached), with
+        its layout for the device's grouping built, so convolutions that use it never sync."""
         cache_key = (in_stride, out_stride, kernel_size, dilation)
         kmap = self.kernel_maps.get(cache_key)
         if kmap is None:
             kmap = self._build_kernel_map(in_stride, out_stride, kernel_size, dilation)
+            kmap.layout(grouping_for(self.sites[in_stride].keys.device))
             self.kernel_maps[cache_key] = kmap
         return kmap
 
     def _build_kernel_map(self, in_stride, out_stride, kernel_size, dilation) -> KernelMap:
         src, dst = self.sites[in_stride], self.sites[out_stride]
         offsets = kernel_offsets(kernel_size, device=src.keys.device) * (in_stride * dilation)
-        reach = int(offsets.abs().max()) + out_stride
+        reach = (kernel_size // 2 if kernel_size % 2 else kernel_size - 1) * in_stride * dilation + out_stride
         if reach > self.packer.pad:
             raise ValueError(f"kernel reach {reach} exceeds the key padding {self.packer.pad}")
         volume = offsets.shape[0]
@@ -255,9 +452,9 @@ class SparseContext:
             # and the centre is the identity; search only the first half.
             half = volume // 2
             pos, hit = src.lookup(dst.keys[None, :] + self.packer.offset_keys(offsets[:half])[:, None])
-            k_idx, out_rows = hit.nonzero(as_tuple=True)
+            counts_half = hit.sum(1).tolist()  # the map's one host synchronisation
+            k_idx, out_rows = torch.nonzero_static(hit, size=sum(counts_half)).unbind(1)
             in_rows = pos[k_idx, out_rows]
-            counts_half = torch.bincount(k_idx, minlength=half).tolist()
             in_parts = list(torch.split(in_rows, counts_half))
             out_parts = list(torch.split(out_rows, counts_half))
             in_idx = torch.cat(in_parts + out_parts[::-1])
@@ -265,17 +462,18 @@ class SparseContext:
             counts = counts_half + [0] + counts_half[::-1]
             return KernelMap(in_idx, out_idx, counts, len(src), len(dst), identity_offset=half)
         pos, hit = src.lookup(dst.keys[None, :] + self.packer.offset_keys(offsets)[:, None])
-        k_idx, out_rows = hit.nonzero(as_tuple=True)
-        counts = torch.bincount(k_idx, minlength=volume).tolist()
+        counts = hit.sum(1).tolist()  # the map's one host synchronisation
+        k_idx, out_rows = torch.nonzero_static(hit, size=sum(counts)).unbind(1)
         return KernelMap(pos[k_idx, out_rows], out_rows, counts, len(src), len(dst))
 
     def _block_map(self, src: SiteSet, dst: SiteSet, factor: int) -> KernelMap:
         """Kernel == stride (even): each fine site feeds exactly its parent, at one offset."""
         parent = self.parent_index[(src.stride, dst.stride)]
         rel = torch.div(src.coords[:, 1:] - dst.coords[parent, 1:], src.stride, rounding_mode="floor")
-        k_idx = rel[:, 0] + factor * (rel[:, 1] + factor * rel[:, 2])
+        k_idx = rel[:, 0] + factor * (rel[:, 1] + factor * (rel[:, 2]))
         k_sorted, order = torch.sort(k_idx, stable=True)
-        counts = torch.bincount(k_sorted, minlength=factor**3).tolist()
+        bounds = torch.searchsorted(k_sorted, torch.arange(factor**3 + 1, device=k_sorted.device))
+        counts = bounds.diff().tolist()  # the map's one host synchronisation
         return KernelMap(order, parent[order], counts, len(src), len(dst))
 
 
@@ -284,21 +482,13 @@ class SparseContext:
 # --------------------------------------------------------------------------------------------
 
 
-def _use_spmm(x: Tensor) -> bool:
-    """CPU: fused gathers into reused scratch and one CSR SpMM scatter per conv (or group).
-
-    Elsewhere (CUDA) per-offset ``index_add_`` is used: atomics are fast there and the caching
-    allocator already reuses memory.
-    """
-    return x.device.type == "cpu"
-
-
 class _Scratch(threading.local):
-    """Reusable CPU scratch matrices for gathered rows and partial products.
+    """Reusable CPU scratch matrices for gathered rows and partial products (CPU grouping).
 
     Fresh allocations of hundreds of MB are handed back to the OS on free and page-faulted in
     again on the next conv; measured, that costs ~10x the gather itself. Per thread, so
-    concurrent forwards in one process do not share buffers.
+    concurrent forwards in one process do not share buffers. CUDA's caching allocator already
+    reuses memory, so the GPU grouping allocates normally.
     """
 
     def __init__(self):
@@ -308,163 +498,178 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def _scratch(slot: int, rows: int, cols: int, like: Tensor) -> Tensor:
-    """A (rows, cols) CPU matrix backed by the thread's reusable buffer ``slot``."""
-    need = rows * cols
-    buf = _SCRATCH.buffers.get((slot, like.dtype))
-    if buf is None or buf.numel() < need:
-        buf = torch.empty(need, dtype=like.dtype)
-        _SCRATCH.buffers[(slot, like.dtype)] = buf
-    return buf[:need].view(rows, cols)
-
-
 def release_scratch() -> None:
     """Free this thread's CPU scratch buffers (they are kept between convs for speed)."""
     _SCRATCH.buffers.clear()
 
 
-def _offset_groups(kmap: KernelMap, width: int) -> list[list[tuple[int, int, int]]]:
-    """Split the offset segments so one group's gathered rows x width stays bounded."""
-    groups, current, rows = [], [], 0
-    for seg in kmap.segments():
-        n = seg[2] - seg[1]
-        if current and (rows + n) * width > _FUSED_MAX_ELEMENTS:
-            groups.append(current)
-            current, rows = [], 0
-        current.append(seg)
-        rows += n
-    if current:
-        groups.append(current)
-    return groups
+def _buffer(slot: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device, reuse: bool) -> Tensor:
+    """An uninitialised (rows, cols) matrix: the thread's scratch ``slot`` if ``reuse``."""
+    if not reuse:
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    need = rows * cols
+    buf = _SCRATCH.buffers.get((slot, dtype))
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(need, dtype=dtype)
+        _SCRATCH.buffers[(slot, dtype)] = buf
+    return buf[:need].view(rows, cols)
 
 
-def _scatter_add(out: Tensor | None, rows: Tensor, kmap: KernelMap, side: str, start: int, end: int) -> Tensor:
-    """out (+)= rows of pairs start:end summed into their ``side`` rows, as one CSR SpMM.
+def _gather(src: Tensor, index: Tensor, slot: int, reuse: bool) -> Tensor:
+    if not reuse:
+        return src.index_select(0, index)
+    return torch.index_select(src, 0, index, out=_buffer(slot, index.numel(), src.shape[1], src.dtype, src.device, True))
 
-    MKL's CSR kernels take fp32/fp64 only; reduced precision is summed in fp32 and cast back
-    (CPU ``index_add_`` on bf16 is an order of magnitude slower).
+
+def _bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """Batched GEMM with fp32 results: fp16/bf16 operands (CUDA) use ``out_dtype``."""
+    kwargs = {"out_dtype": torch.float32} if a.dtype in _REDUCED else {}
+    if out is not None:
+        kwargs["out"] = out
+    return torch.bmm(a, b, **kwargs)
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    return torch.mm(a, b, out_dtype=torch.float32) if a.dtype in _REDUCED else torch.mm(a, b)
+
+
+def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as the GEMMs consume it: rounded to the compute dtype.
+
+    Off CUDA, fp16/bf16 values are then widened to fp32: a product of two such values is exact
+    in fp32, so an fp32 GEMM on them is the arithmetic of a reduced-precision GEMM with fp32
+    accumulation (CPUs have no fast fp16/bf16 GEMM with fp32 output; torch has none at all).
     """
-    dtype = rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32
-    contrib = torch.mm(kmap.scatter_matrix(side, start, end, dtype, rows.device), rows.to(dtype))
-    contrib = contrib.to(rows.dtype)
-    return contrib if out is None else out.add_(contrib)
+    t = t.to(dtype)
+    if dtype in _REDUCED and t.device.type != "cuda":
+        t = t.float()
+    return t
 
 
-def _kernel(weight: Tensor, k: int, transpose_weight: bool) -> Tensor:
-    return weight[k].t() if transpose_weight else weight[k]
+def _conv(x: Tensor, w_perm: Tensor, w_centre: Tensor | None, kmap: KernelMap, lay: _Layout, reuse: bool) -> Tensor:
+    """out[o] = sum over pairs (i, o) at offset k of x[i] @ W_k, in fp32 (fp64 for fp64)."""
+    side_in, side_out = kmap.sides
+    c_in, c_out = w_perm.shape[1], w_perm.shape[2]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = _mm(x, w_centre) if w_centre is not None else None
+    for ch in lay.chunks(max(c_in, c_out)):
+        rows = _gather(x, lay.gather[(side_in, False)][ch.row0:ch.row1], 0, reuse)
+        partial = _buffer(1, ch.row1 - ch.row0, c_out, acc, x.device, reuse)
+        for r, s, n, per in ch.pieces:
+            _bmm(rows[r:r + n * per].view(n, per, c_in), w_perm[s:s + n], out=partial[r:r + n * per].view(n, per, c_out))
+        csr = lay.scatter(side_out, ch, acc)
+        out = torch.mm(csr, partial) if out is None else torch.addmm(out, csr, partial)
+    return out if out is not None else x.new_zeros(kmap.n_out, c_out, dtype=acc)
 
 
-def _apply_pairs(x: Tensor, weight: Tensor, kmap: KernelMap, transpose_weight: bool) -> Tensor:
-    """out[o] = sum over pairs (i, o) at offset k of x[i] @ W_k (W_k^T if ``transpose_weight``)."""
-    width = weight.shape[1] if transpose_weight else weight.shape[2]
-    out = None
-    if kmap.identity_offset is not None:
-        out = torch.mm(x, _kernel(weight, kmap.identity_offset, transpose_weight))
-    if not kmap.in_idx.numel():
-        return out if out is not None else x.new_zeros(kmap.n_out, width)
-    if not _use_spmm(x):
-        # GPU / reduced precision: per offset gather, GEMM, index_add_ (atomic on CUDA).
-        if out is None:
-            out = x.new_zeros(kmap.n_out, width)
-        for k, s, e in kmap.segments():
-            rows = torch.mm(x.index_select(0, kmap.in_idx[s:e]), _kernel(weight, k, transpose_weight))
-            out.index_add_(0, kmap.out_idx[s:e], rows)
-        return out
-    for group in _offset_groups(kmap, max(width, x.shape[1])):
-        start, end = group[0][1], group[-1][2]
-        gathered = torch.index_select(x, 0, kmap.in_idx[start:end], out=_scratch(0, end - start, x.shape[1], x))
-        partial = _scratch(1, end - start, width, x)
-        for k, s, e in group:
-            torch.mm(gathered[s - start : e - start], _kernel(weight, k, transpose_weight),
-                     out=partial[s - start : e - start])
-        out = _scatter_add(out, partial, kmap, "out", start, end)
-    return out
-
-
-def _backward(x: Tensor, weight: Tensor, grad_out: Tensor, kmap: KernelMap, need_x: bool, need_w: bool):
-    """Gradients of ``_apply_pairs(x, weight, kmap, False)``; gathers of grad_out are shared."""
-    grad_x = grad_w = None
+def _conv_backward(x: Tensor, g: Tensor, w_perm: Tensor, w_centre: Tensor | None, kmap: KernelMap,
+                   lay: _Layout, need_x: bool, need_w: bool, reuse: bool):
+    """fp32 (fp64) gradients of ``_conv``; gathers of ``g`` are shared by both gradients."""
+    side_in, side_out = kmap.sides
+    c_in, c_out = x.shape[1], g.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_x = _mm(g, w_centre.t()) if need_x and w_centre is not None else None
+    slot_grads = []
+    # Padded rows must add nothing to grad_w: gather x from a copy with a zero row appended.
+    x_ext = torch.nn.functional.pad(x, (0, 0, 0, 1)) if need_w and lay.rows else None
+    for ch in lay.chunks(max(c_in, c_out)):
+        g_rows = _gather(g, lay.gather[(side_out, False)][ch.row0:ch.row1], 1, reuse)
+        if need_w:
+            x_rows = _gather(x_ext, lay.gather[(side_in, True)][ch.row0:ch.row1], 0, reuse)
+            for r, s, n, per in ch.pieces:
+                rows = slice(r, r + n * per)
+                slot_grads.append(_bmm(x_rows[rows].view(n, per, c_in).transpose(1, 2), g_rows[rows].view(n, per, c_out)))
+        if need_x:
+            partial = _buffer(0, ch.row1 - ch.row0, c_in, acc, x.device, reuse)
+            for r, s, n, per in ch.pieces:
+                rows = slice(r, r + n * per)
+                _bmm(g_rows[rows].view(n, per, c_out), w_perm[s:s + n].transpose(1, 2), out=partial[rows].view(n, per, c_in))
+            csr = lay.scatter(side_in, ch, acc)
+            grad_x = torch.mm(csr, partial) if grad_x is None else torch.addmm(grad_x, csr, partial)
+    if need_x and grad_x is None:
+        grad_x = x.new_zeros(kmap.n_in, c_in, dtype=acc)
+    grad_w = None
     if need_w:
-        grad_w = grad_out.new_zeros(weight.shape)
-    c = kmap.identity_offset
-    if c is not None:
-        if need_w:
-            torch.mm(x.t(), grad_out, out=grad_w[c])
-        if need_x:
-            grad_x = torch.mm(grad_out, weight[c].t())
-    if not kmap.in_idx.numel():
-        if need_x and grad_x is None:
-            grad_x = x.new_zeros(x.shape)
-        return grad_x, grad_w
-    if not _use_spmm(x):
-        if need_x and grad_x is None:
-            grad_x = x.new_zeros(x.shape)
-        for k, s, e in kmap.segments():
-            g_rows = grad_out.index_select(0, kmap.out_idx[s:e])
-            if need_w:
-                torch.mm(x.index_select(0, kmap.in_idx[s:e]).t(), g_rows, out=grad_w[k])
-            if need_x:
-                grad_x.index_add_(0, kmap.in_idx[s:e], torch.mm(g_rows, weight[k].t()))
-        return grad_x, grad_w
-    for group in _offset_groups(kmap, max(x.shape[1], grad_out.shape[1])):
-        start, end = group[0][1], group[-1][2]
-        g_rows = torch.index_select(grad_out, 0, kmap.out_idx[start:end],
-                                    out=_scratch(1, end - start, grad_out.shape[1], grad_out))
-        x_rows = _scratch(0, end - start, x.shape[1], x)  # x rows, then reused for grad rows
-        if need_w:
-            torch.index_select(x, 0, kmap.in_idx[start:end], out=x_rows)
-        for k, s, e in group:
-            rows = slice(s - start, e - start)
-            if need_w:
-                torch.mm(x_rows[rows].t(), g_rows[rows], out=grad_w[k])
-            if need_x:
-                torch.mm(g_rows[rows], weight[k].t(), out=x_rows[rows])
-        if need_x:
-            grad_x = _scatter_add(grad_x, x_rows, kmap, "in", start, end)
+        if w_centre is not None:
+            slot_grads.append(_mm(x.t(), g)[None])
+        if lay.has_empty:
+            slot_grads.append(x.new_zeros(1, c_in, c_out, dtype=acc))
+        grad_w = torch.cat(slot_grads).index_select(0, lay.inverse)
     return grad_x, grad_w
 
 
 class SparseConvFunction(torch.autograd.Function):
-    """Gather-GEMM-scatter sparse conv; backward recomputes gathers instead of storing them."""
+    """Bucketed gather-bmm-scatter sparse conv; backward recomputes gathers instead of storing them.
+
+    Inputs stay in their own dtype (an fp32 master weight gets an fp32 gradient); the GEMMs see
+    them rounded to ``dtype`` and the result is cast to ``dtype`` once.
+    """
 
     @staticmethod
-    def forward(ctx, features: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
-        features = features.contiguous()
-        ctx.kmap = kmap
+    def forward(ctx, features: Tensor, weight: Tensor, kmap: KernelMap, dtype: torch.dtype) -> Tensor:
+        grouping = grouping_for(features.device)
+        lay = kmap.layout(grouping)
+        reuse = features.device.type == "cpu" and grouping == "cpu"
+        x = _operand(features.contiguous(), dtype)
+        w = _operand(weight, dtype)
+        w_perm = w.index_select(0, lay.slot_offsets)
+        w_centre = w[kmap.identity_offset] if kmap.identity_offset is not None else None
         ctx.save_for_backward(features, weight)
-        return _apply_pairs(features, weight, kmap, transpose_weight=False)
+        ctx.conv = (kmap, lay, dtype, reuse, w_perm, w_centre)
+        return _conv(x, w_perm, w_centre, kmap, lay, reuse).to(dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         features, weight = ctx.saved_tensors
-        grad_features, grad_weight = _backward(
-            features, weight, grad_out.contiguous(), ctx.kmap, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kmap, lay, dtype, reuse, w_perm, w_centre = ctx.conv
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_w = _conv_backward(
+            _operand(features.contiguous(), dtype), _operand(grad_out.contiguous(), dtype),
+            w_perm, w_centre, kmap, lay, need_x, need_w, reuse,
         )
-        return grad_features, grad_weight, None
+        return (grad_x.to(features.dtype) if need_x else None,
+                grad_w.to(weight.dtype) if need_w else None, None, None)
 
 
 def _compute_dtype(features: Tensor, weight: Tensor) -> torch.dtype:
     device_type = features.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
+    if features.dtype == weight.dtype:  # (promote_types is a dispatched op)
+        return features.dtype
     return torch.promote_types(features.dtype, weight.dtype)
+
+
+class _Recorder(threading.local):
+    convs: list | None = None
+
+
+_RECORDER = _Recorder()
+
+
+@contextlib.contextmanager
+def record_convs():
+    """Collect ``(kernel-map pairs, c_in, c_out)`` of every sparse conv run inside (this thread),
+    e.g. to count FLOPs as pairs x c_in x c_out x 2."""
+    previous, _RECORDER.convs = _RECORDER.convs, []
+    try:
+        yield _RECORDER.convs
+    finally:
+        _RECORDER.convs = previous
 
 
 def sparse_conv(features: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     """Sparse conv with a matmul's autocast semantics: the result has the autocast dtype.
 
-    On CUDA the arithmetic runs in that dtype. On CPU it runs in fp32 and is cast: CPU
-    bf16/fp16 GEMMs are emulated on most CPUs and re-planned for every per-offset shape,
-    which measured ~30x slower than fp32.
+    Under fp16/bf16 the GEMM operands are rounded to that dtype, every product and sum is fp32,
+    and the result is rounded once, on every device (see :func:`_operand`).
     """
+    if _RECORDER.convs is not None:
+        _RECORDER.convs.append((kmap.num_pairs, weight.shape[1], weight.shape[2]))
     dtype = _compute_dtype(features, weight)
-    compute = dtype
-    if features.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-        compute = torch.float32
     with torch.autocast(features.device.type, enabled=False):
-        out = SparseConvFunction.apply(features.to(compute), weight.to(compute), kmap)
-    return out.to(dtype)
+        return SparseConvFunction.apply(features, weight, kmap, dtype)
 
 
 def conv_forward(ctx: SparseContext, features: Tensor, stride: int, weight: Tensor,
@@ -485,8 +690,57 @@ def conv_transpose_forward(ctx: SparseContext, features: Tensor, stride: int, we
     return sparse_conv(features, weight, kmap), out_stride
 
 
+def _sum_matrix(index: Tensor, n_rows: int, values: Tensor | None = None, dtype=torch.float32) -> Tensor:
+    """CSR (n_rows x len(index)) with entry (index[j], j): ``S @ v`` sums the rows of v into
+    their ``index`` rows in a fixed order (no atomics), ``S.t() @ g`` gathers. No host sync."""
+    sorted_idx, order = torch.sort(index, stable=True)
+    crow = torch.searchsorted(sorted_idx, torch.arange(n_rows + 1, device=index.device))
+    if values is None:
+        values = torch.ones(index.numel(), dtype=dtype, device=index.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, order, values[order] if values.numel() else values,
+                                       size=(n_rows, index.numel()), check_invariants=False)
+
+
+class RowGather:
+    """``features[index]`` whose backward sums by a CSR product instead of ``index_add_``
+    (atomic, so run-to-run different, on CUDA): per-point slicing stays deterministic."""
+
+    def __init__(self, index: Tensor, n_rows: int):
+        self.index = index
+        self.n_rows = n_rows
+        self._csr: dict[torch.dtype, Tensor] = {}
+
+    def matrix(self, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._csr:
+            self._csr[dtype] = _sum_matrix(self.index, self.n_rows, dtype=dtype)
+        return self._csr[dtype]
+
+    def __call__(self, features: Tensor) -> Tensor:
+        return _RowGatherFunction.apply(features, self)
+
+
+class _RowGatherFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features: Tensor, gather: RowGather) -> Tensor:
+        ctx.gather, ctx.dtype = gather, features.dtype
+        return features.index_select(0, gather.index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+        with torch.autocast(grad.device.type, enabled=False):
+            summed = torch.mm(ctx.gather.matrix(acc), grad.to(acc).contiguous())
+        return summed.to(ctx.dtype), None
+
+
 def voxel_average(features: Tensor, inverse: Tensor, n_voxels: int) -> Tensor:
-    """Mean of the point features in each voxel (ME's UNWEIGHTED_AVERAGE quantisation)."""
+    """Mean of the point features in each voxel (ME's UNWEIGHTED_AVERAGE quantisation), as one
+    CSR product with weights 1/count: a fixed summation order on every device."""
+    acc = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
     counts = torch.bincount(inverse, minlength=n_voxels).clamp_(min=1)
-    summed = features.new_zeros(n_voxels, features.shape[1]).index_add_(0, inverse, features)
-    return summed / counts.to(summed.dtype)[:, None]
+    weights = (1.0 / counts.to(acc))[inverse]
+    with torch.autocast(features.device.type, enabled=False):
+        return torch.mm(_sum_matrix(inverse, n_voxels, weights), features.to(acc)).to(features.dtype)
