@@ -389,3 +389,20 @@ def test_resume_extends_and_refuses_what_changes_the_mathematics(chain):
     with pytest.raises(StaleInputError, match="trained on 1 processes, resumed on 2.*--allow-world-size-change"):
         check_resumable("last.pt", old, {**old, "world_size": 2}, allow_world_size_change=False)
     check_resumable("last.pt", old, {**old, "world_size": 2}, allow_world_size_change=True)
+
+
+def test_auto_backend_fits_the_device():
+    """auto is the torch backend on every device; MinkowskiEngine asked for on a device its
+    build has no kernels for is one line, not a crash at the first forward."""
+    from m2skd.models import resolve_backend
+    from m2skd.models.me_compat import minkowski_available, minkowski_runs_on
+    from m2skd.models.minkunet import BackendError
+
+    assert resolve_backend("auto", "cpu") == resolve_backend("auto", "cuda") == "torch"
+    if not minkowski_available():
+        pytest.skip("MinkowskiEngine is not installed")
+    assert resolve_backend("minkowski", "cpu") == "minkowski"
+    if minkowski_runs_on("cuda"):
+        pytest.skip("this MinkowskiEngine build has CUDA kernels")
+    with pytest.raises(BackendError, match="no cuda kernels"):
+        resolve_backend("minkowski", "cuda")
