@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from m2skd.atomic import sweep_temporaries, write_json_atomic
-from m2skd.errors import DataError, StaleInputError
+from m2skd.errors import StaleInputError
 from m2skd.fingerprint import fingerprint_json
 from m2skd.inference import predict
 from m2skd.manifest import read_manifest
