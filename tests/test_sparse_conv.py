@@ -246,3 +246,101 @@ def test_training_step_has_no_atomic_scatter():
         out = model(coords, point_feats, features=("dec4",))
         (out.logits.square().mean() + out.features["dec4"].mean()).backward()
     assert mode.found == [], mode.found
+
+
+# ------------------------------------------------------------------------------------------
+# the same properties on a CUDA device (scripts/gpu_check.sh runs these; skipped without one)
+# ------------------------------------------------------------------------------------------
+
+def on_cuda(test):
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test))
+
+
+def cuda_map(n=3000, seed=0):
+    coords, _ = tb.scene(n, seed=seed, voxel=0.3)
+    ctx, _ = sparse_torch.SparseContext.from_coordinates(coords.cuda())
+    return ctx.kernel_map(1, 1, 3)
+
+
+@on_cuda
+@pytest.mark.parametrize("grouping", ["auto", "gpu"])
+def test_cuda_fp32_conv_matches_cpu(monkeypatch, grouping):
+    """fp32 forward and both gradients on CUDA equal the CPU's GPU grouping (no TF32)."""
+    coords, _ = tb.scene(3000, seed=1, voxel=0.3)
+    results = {}
+    for device in ("cpu", "cuda"):
+        monkeypatch.setattr(sparse_torch, "GROUPING", "gpu" if device == "cpu" else grouping)
+        ctx, _ = sparse_torch.SparseContext.from_coordinates(coords.to(device))
+        kmap = ctx.kernel_map(1, 1, 3)
+        assert set(kmap._layouts) == {"gpu"}  # auto picks the GPU grouping on CUDA
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(kmap.n_in, 24, generator=g).to(device).requires_grad_(True)
+        w = (torch.randn(27, 24, 16, generator=g) / 25).to(device).requires_grad_(True)
+        grad = torch.randn(kmap.n_out, 16, generator=g).to(device)
+        y = sparse_torch.sparse_conv(x, w, kmap)
+        results[device] = [t.detach().cpu() for t in (y, *torch.autograd.grad(y, (x, w), grad))]
+    for cpu, cuda in zip(results["cpu"], results["cuda"]):
+        assert tb.rel_err(cuda, cpu) < 1e-5
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_reduced_precision_accumulates_in_fp32(dtype):
+    """cuBLAS ``out_dtype`` GEMMs and the fp32 CSR scatter: one rounding of an fp32 sum."""
+    kmap = cuda_map(2000, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(kmap.n_in, 32, generator=g).to(dtype).cuda()
+    w = (torch.randn(27, 32, 16, generator=g) / 30).to(dtype).cuda()
+    grad_out = torch.randn(kmap.n_out, 16, generator=g).to(dtype).cuda()
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = sparse_torch.sparse_conv(xr, wr, kmap)
+    gx, gw = torch.autograd.grad(y, (xr, wr), grad_out)
+    assert y.dtype == gx.dtype == gw.dtype == dtype
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = sparse_torch.sparse_conv(x64, w64, kmap)
+    gx64, _ = torch.autograd.grad(ref, (x64, w64), grad_out.double())
+    u = UNIT_ROUNDOFF[dtype]
+    y, ref = y.detach().double(), ref.detach()
+    assert ((y - ref).abs() <= u * ref.abs() + 2e-5 * ref.abs().max()).all()
+    assert ((gx.double() - gx64).abs() <= u * gx64.abs() + 2e-5 * gx64.abs().max()).all()
+
+
+@on_cuda
+def test_cuda_training_step_repeats_bit_for_bit():
+    """Two forward+backward passes of a MinkUNet18 on CUDA: identical logits and gradients."""
+    torch.manual_seed(5)
+    model = build_model(4, 6, depth=18, backend="torch", **tb.SMALL).cuda().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    coords, feats = tb.scene(4000, batches=2, seed=21)
+    coords, feats = coords.cuda(), feats.cuda()
+
+    def run(amp):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        point_feats = feats.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(coords, point_feats, features=("dec4",))
+        (out.logits.float().square().mean() + out.features["dec4"].float().mean()).backward()
+        return [out.logits, point_feats.grad] + [p.grad for p in model.parameters()]
+
+    for amp in (False, True):
+        first, second = run(amp), run(amp)
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), f"bf16 autocast: {amp}"
+
+
+@on_cuda
+def test_cuda_conv_never_synchronises():
+    """Once the kernel map exists, a conv forward and backward never wait for the device."""
+    kmap = cuda_map()
+    x = torch.randn(kmap.n_in, 16, device="cuda", requires_grad=True)
+    w = torch.randn(27, 16, 16, device="cuda", requires_grad=True)
+    grad = torch.randn(kmap.n_out, 16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for amp in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                y = sparse_torch.sparse_conv(x, w, kmap)
+            torch.autograd.grad(y, (x, w), grad.to(y.dtype))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
