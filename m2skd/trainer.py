@@ -233,6 +233,19 @@ def scheduled_steps(cfg: TrainConfig, train_scans: int, world: int) -> int:
     return max(1, math.ceil(cfg.epochs * train_scans / (cfg.batch_size * world)))
 
 
+def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float):
+    """torch's OneCycleLR, defined for every step count.
+
+    OneCycleLR's warm-up of W = pct_start x steps peaks at step W - 1 and divides by W - 1, so
+    W == 1 (e.g. 0.05 x 20 steps) raises ZeroDivisionError at construction. There the peak is
+    moved 1e-9 of a step past step 0: step 0 keeps the initial lr and the annealing starts at
+    once from the peak. Every other step count keeps torch's schedule unchanged (same bits).
+    """
+    if float(pct_start * total_steps) - 1 == 0:
+        pct_start = (1 + 1e-9) / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
+
+
 def class_weight_tensor(cfg: TrainConfig, train_set, num_classes: int):
     if cfg.class_weights is None:
         return None
@@ -305,7 +318,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         adapter = FeatureAdapter(model.feature_channels[cfg.feature_layer], cache_record["feature_channels"]).to(ctx.device)
     student = StudentNet(model, adapter)
     optimizer = torch.optim.AdamW(parameter_groups(student, cfg.weight_decay, cfg.no_decay_norm_bias), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start)
+    scheduler = one_cycle(optimizer, cfg.lr, total_steps, cfg.pct_start)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
     class_weights = class_weight_tensor(cfg, train_set, spec.num_classes)
     if class_weights is not None:

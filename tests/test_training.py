@@ -192,3 +192,32 @@ def test_fused_points_as_unlabelled_context(prepared_run):
     assert (a["label"][n:] > 0).all() and (b["label"][n:] == 0).all()
     run_config = dataclasses.replace(TINY, fused_point_labels=False, steps=1)
     assert train(run, "teacher", run_config, name="teacher-context", overwrite=True)["steps_done"] == 1
+
+
+def _lrs(make, total):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make(opt)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("total,pct", [(20, 0.05), (25, 0.04), (50, 0.02), (1, 0.05), (2, 0.05), (7, 0.3)])
+def test_one_cycle_is_defined_for_every_step_count(total, pct):
+    """torch's OneCycleLR raises ZeroDivisionError when the warm-up is exactly one step
+    (pct_start x steps == 1: `train-teacher --steps 20` at the demo's 0.05)."""
+    from m2skd.trainer import one_cycle
+
+    lrs = _lrs(lambda opt: one_cycle(opt, 0.01, total, pct), total)
+    assert len(lrs) == total and all(np.isfinite(lrs))
+    if pct * total >= 1:
+        assert lrs[0] == pytest.approx(0.01 / 25)  # OneCycleLR's default initial lr
+    if round(pct * total) == 1 and total > 1:
+        assert lrs[1] > 0.99 * 0.01  # warmed up in one step: annealing from the peak
+        assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    if pct * total != 1:  # every other count: torch's schedule, unchanged
+        ref = _lrs(lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=total, pct_start=pct), total)
+        assert lrs == ref
