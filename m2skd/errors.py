@@ -13,6 +13,9 @@ class DataError(M2SKDError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # raised in a joblib/Dask worker, it must unpickle in the parent
+        return type(self), (self.path, self.problem)
+
 
 class StaleInputError(M2SKDError):
     """A stage's inputs do not match what the run directory recorded."""

@@ -13,6 +13,22 @@ import numpy as np
 
 LOGIT_ENCODINGS = ("fp32", "fp16", "top2", "top4", "top8")
 FEATURE_ENCODINGS = ("fp32", "fp16", "int8")
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def check_storable(values: np.ndarray, encoding: str, kind: str) -> None:
+    """Refuse values an encoding would store as inf (or NaN): a cache of them trains NaN.
+
+    fp16 and top-K hold |x| <= 65504; int8 keeps an fp16 scale of max|x| / 127.
+    """
+    if not values.size:
+        return
+    peak = float(np.abs(values).max())
+    if not np.isfinite(peak):
+        raise ValueError(f"teacher {kind} are not finite (NaN or inf)")
+    limit = {"fp32": np.inf, "int8": _FP16_MAX * 127}.get(encoding, _FP16_MAX)
+    if peak > limit:
+        raise ValueError(f"teacher {kind} reach {peak:.3g}, beyond the {encoding} encoding's range ({limit:.6g})")
 
 
 def _topk(encoding: str) -> int | None:
@@ -21,6 +37,7 @@ def _topk(encoding: str) -> int | None:
 
 
 def encode_logits(logits: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
+    check_storable(logits, encoding, "logits")
     if encoding == "fp32":
         return {"logits": logits.astype(np.float32)}
     if encoding == "fp16":
@@ -49,6 +66,7 @@ def decode_logits(arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray
 
 
 def encode_features(features: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
+    check_storable(features, encoding, "features")
     if encoding == "fp32":
         return {"features": features.astype(np.float32)}
     if encoding == "fp16":

@@ -33,7 +33,7 @@ from m2skd.rundir import RunDir
 from m2skd.synth import SynthConfig, generate_dataset
 from m2skd.teacher_cache import FEATURE_ENCODINGS, LOGIT_ENCODINGS, decode_features, decode_logits, encode_features, encode_logits, kl_error
 from m2skd.train_config import load_config
-from m2skd.trainer import spec_for_run, train, training_step
+from m2skd.trainer import load_checkpoint, save_atomic, spec_for_run, train, training_step
 from m2skd.transforms import AugmentConfig
 
 from .cache_teacher import CacheConfig, run_cache, teacher_outputs
@@ -114,7 +114,6 @@ def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float
     """Bytes per single-scan point (compressed, as stored) and KL(exact || stored) per encoding."""
     from m2skd.manifest import read_manifest
     from m2skd.ragged import RaggedReader
-    from m2skd.trainer import load_checkpoint
 
     spec = spec_for_run(RunDir(run))
     model, ckpt = load_checkpoint(teacher_ckpt, "torch")
@@ -148,6 +147,30 @@ def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float
             out.append({"kind": "features", "encoding": enc, "bytes_per_point": nbytes / n_points, "relative_mse": rel,
                         "hard_points_fraction": len(exact) / n_points})
     return out
+
+
+def recalibrate_batchnorm(run: Path, checkpoint: str, scans: int) -> None:
+    """Batch-norm running statistics of a few-step teacher, re-estimated (cumulative averages)
+    over `scans` fused train scans spread over the drive. After 3 steps they are still mostly
+    their initial values, and in eval mode its logits reach 1e5-1e6, which no fp16 cache can
+    hold (cache-teacher refuses them) and no trained teacher gives. The weights stay as trained;
+    the checkpoint is rewritten in place."""
+    spec = spec_for_run(RunDir(run))
+    model, ckpt = load_checkpoint(checkpoint, "torch")
+    fused = ScanDataset(run, spec, ("train",), "fused", ckpt["config"]["voxel_size"], None)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for i in np.unique(np.linspace(0, len(fused) - 1, scans).round().astype(int)):
+            batch = collate([fused[int(i)]])
+            model(batch["coords"], batch["feats"])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    save_atomic({**ckpt, "model": model.state_dict()}, Path(checkpoint))
 
 
 # --- input pipeline and train steps -------------------------------------------------------
@@ -326,6 +349,7 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
     announce("teacher (a few steps, for cache and loader rows)")
     tiny = dataclasses.replace(load_config("demo"), steps=3, voxel_size=0.05, workers=0, val_every=10**9, checkpoint_every=10**9, backend="torch")
     teacher = train(run, "teacher", tiny, overwrite=True)
+    recalibrate_batchnorm(run, teacher["checkpoint"], scans=8)
     run_cache(run, teacher["checkpoint"], CacheConfig(backend="torch", threads_per_job=cores), overwrite=True)
     announce("cache encodings")
     result["cache_encodings"] = bench_encodings(run, teacher["checkpoint"], scans=4, temperature=tiny.temperature)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from m2skd.atomic import sweep_temporaries, write_json_atomic
-from m2skd.errors import StaleInputError
+from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_json
 from m2skd.inference import predict
 from m2skd.manifest import read_manifest
@@ -77,8 +77,14 @@ def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig
         logits, feats, raw = logits[:n], feats[:n], data["label"][:n]
         hard = spec.hard_instance_points(raw)
         conf += confusion_matrix(predict(logits), spec.learning_lut[raw & 0xFFFF], spec.num_classes)
-        enc = encode_logits(logits, cfg.logit_encoding)
-        fenc = encode_features(feats[hard], cfg.feature_encoding)
+        try:
+            enc = encode_logits(logits, cfg.logit_encoding)
+            fenc = encode_features(feats[hard], cfg.feature_encoding)
+        except ValueError as exc:
+            scan = reader.attrs["rows"][i]
+            raise DataError(teacher_path, f"scan {scan['sequence']}/{scan['frame_name']}: {exc}. A trained network's "
+                            "outputs are far smaller (batch-norm statistics of a very short run?): train the teacher "
+                            "longer, or cache with --logit-encoding fp32 --feature-encoding fp32") from None
         fenc["point_index"] = np.flatnonzero(hard).astype(np.int32)
         for fields, values in ((logit_fields, enc), (feat_fields, fenc)):
             for key, value in values.items():

@@ -3,6 +3,8 @@ frames by number, the moving decision over the window, real-class predictions, s
 import dataclasses
 import json
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +113,27 @@ def test_cache_feature_layer_must_match_the_student(chain, tmp_path):
     run_cache(run, None, dataclasses.replace(CACHE, feature_layer="dec3"))
     assert json.loads((RunDir(run).teacher_cache / "cache.json").read_text())["feature_layer"] == "dec3"
     assert train(run, "student", student, name="student")["checkpoint"]
+
+
+def test_teacher_outputs_beyond_fp16_are_refused(chain, tmp_path):
+    """fp16 stores logits over 65504 as inf (the cache's KL then reads NaN and a student trains
+    on NaN): the cache refuses them in one line naming the teacher and the scan, from a worker
+    process too; fp32, as the message says, caches them."""
+    assert pickle.loads(pickle.dumps(DataError("f.pt", "why"))).path == "f.pt"  # crosses joblib
+    run = tmp_path / "run"
+    shutil.copytree(chain, run)
+    path = run / "teacher" / "model.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model"]["classifier.weight"] *= 1e7
+    torch.save(ckpt, path)
+    before = (RunDir(run).teacher_cache / "cache.json").read_bytes()
+    line = one_line_error(["cache-teacher", run, "--overwrite", "--jobs", "2"], f"{path}: scan ", "teacher logits reach",
+                          "beyond the fp16 encoding's range (65504)", "--logit-encoding fp32")
+    assert re.search(r"scan \d\d/\d{6}: ", line), line
+    assert (RunDir(run).teacher_cache / "cache.json").read_bytes() == before
+    summary = run_cache(run, None, dataclasses.replace(CACHE, logit_encoding="fp32"), overwrite=True)
+    record = json.loads((RunDir(run).teacher_cache / "cache.json").read_text())
+    assert record["logit_encoding"] == "fp32" and record["kl_stored_vs_exact"] == 0.0, summary
 
 
 # --- 2. a partial prepare adds ---------------------------------------------------------------

@@ -38,3 +38,20 @@ def test_feature_encodings_round_trip(encoding):
     tol = {"fp32": 0, "fp16": 1e-3, "int8": 1 / 127}[encoding]
     assert np.abs(got - feats).max() <= tol * np.abs(feats).max(axis=1).max() + 1e-7
     assert (got[:5] == 0).all()
+
+
+def test_encodings_refuse_values_they_would_store_as_inf():
+    big = np.zeros((3, 20), np.float32)
+    big[1, 4] = 7e4  # > fp16's 65504
+    for enc in ("fp16", "top2", "top8"):
+        with pytest.raises(ValueError, match=rf"logits reach 7e\+04, beyond the {enc} encoding's range \(65504\)"):
+            encode_logits(big, enc)
+    assert np.array_equal(decode_logits(encode_logits(big, "fp32"), 20), big)
+    assert np.allclose(decode_features(encode_features(big, "int8")), big, rtol=0.01, atol=7e4 / 127)  # fp16 scale fits
+    with pytest.raises(ValueError, match="beyond the int8 encoding's range"):
+        encode_features(big * 200, "int8")
+    nan = big.copy()
+    nan[0, 0] = np.nan
+    for enc in ("fp32", "fp16"):
+        with pytest.raises(ValueError, match="features are not finite"):
+            encode_features(nan, enc)
