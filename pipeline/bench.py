@@ -3,7 +3,8 @@
 Builds a synthetic dataset of realistic size (64 x 2048 simulated LiDAR, about 120k points
 per scan), then times prepare (against bare I/O), the training input pipeline, train steps
 (baseline, distilled from the cache, online teacher) per backend, the sparse backbone per
-backend, the teacher-cache encodings (bytes per point and KL error), and eval throughput.
+backend (timed in turns), the teacher-cache encodings (bytes per point and KL error), and eval
+throughput.
 Budgets are checked as ratios from this one run; results go to bench-<machine>.json.
 """
 from __future__ import annotations
@@ -232,32 +233,50 @@ def bench_train_steps(run: Path, backend: str, depth: int, repeats: int, device:
             "train_scans_per_s": 1.0 / distilled}
 
 
-def bench_backbone(run: Path, backend: str, depth: int, repeats: int, device: torch.device, amp: str = "none") -> dict:
-    """Forward+backward of the network alone on one single scan (no data, no optimiser)."""
+def bench_backbones(run: Path, variants: list[tuple[str, str]], depth: int, rounds: int, device: torch.device) -> list[dict]:
+    """Forward+backward of the network alone on one single scan (no data, no optimiser), for each
+    (backend, amp) variant with the same initial weights. The variants are timed in turns, one
+    call of each per round, median over rounds: a shared machine's drift hits every variant
+    alike, so their ratio is measured, not the moment each ran at."""
     spec = spec_for_run(RunDir(run))
     cfg = load_config("semantickitti")
     ds = ScanDataset(run, spec, ("train",), "single", cfg.voxel_size, None)
     batch = to_device(collate([ds[0]]), device)
-    torch.manual_seed(0)
-    model = build_model(4, spec.num_classes, depth, cfg.widths, cfg.stem_width, backend).to(device).train()
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    models, steps = {}, {}
+    for backend, amp in variants:
+        torch.manual_seed(0)
+        model = build_model(4, spec.num_classes, depth, cfg.widths, cfg.stem_width, backend).to(device).train()
 
-    def fwd_bwd():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits = model(batch["coords"], batch["feats"]).logits
-        torch.nn.functional.cross_entropy(logits.float(), batch["label"]).backward()
-        model.zero_grad(set_to_none=True)
+        def fwd_bwd(model=model, amp=amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                logits = model(batch["coords"], batch["feats"]).logits
+            torch.nn.functional.cross_entropy(logits.float(), batch["label"]).backward()
+            model.zero_grad(set_to_none=True)
 
-    seconds = timed(fwd_bwd, repeats, sync=sync)
-    row = {"backend": model.backend, "amp": amp, "depth": depth, "seconds": seconds,
-           "points": int(batch["coords"].shape[0]), "params": count_parameters(model)}
-    if model.backend == "torch":
-        with torch.no_grad(), sparse_torch.record_convs() as convs:
-            model(batch["coords"], batch["feats"])
-        forward = sum(2.0 * pairs * c_in * c_out for pairs, c_in, c_out in convs)
-        row["conv_gflop_fwd_bwd"] = 3 * forward / 1e9  # backward: grad_x and grad_w, 2x forward
-        row["conv_gflop_per_s"] = row["conv_gflop_fwd_bwd"] / seconds
-    return row
+        models[(backend, amp)], steps[(backend, amp)] = model, fwd_bwd
+        fwd_bwd()  # warm-up
+    times = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, fwd_bwd in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            fwd_bwd()
+            sync()
+            times[key].append(time.perf_counter() - t0)
+    rows = []
+    for (backend, amp), model in models.items():
+        seconds = statistics.median(times[(backend, amp)])
+        row = {"backend": model.backend, "amp": amp, "depth": depth, "seconds": seconds, "rounds": rounds,
+               "points": int(batch["coords"].shape[0]), "params": count_parameters(model)}
+        if model.backend == "torch":
+            with torch.no_grad(), sparse_torch.record_convs() as convs:
+                model(batch["coords"], batch["feats"])
+            forward = sum(2.0 * pairs * c_in * c_out for pairs, c_in, c_out in convs)
+            row["conv_gflop_fwd_bwd"] = 3 * forward / 1e9  # backward: grad_x and grad_w, 2x forward
+            row["conv_gflop_per_s"] = row["conv_gflop_fwd_bwd"] / seconds
+        rows.append(row)
+    return rows
 
 
 # --- sparse convolution: efficiency and dispatches ----------------------------------------
@@ -358,13 +377,13 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
 
     backends = ["torch"] + (["minkowski"] if minkowski_available() and (not gpu or _minkowski_cuda()) else [])
     amps = ["none", "bf16"] if gpu else ["none"]
-    result["train_step"], result["backbone"] = [], []
-    for backend in backends:
-        for amp in amps if backend == "torch" else ["none"]:
-            announce(f"train steps: {backend} {amp}")
-            result["train_step"].append(bench_train_steps(run, backend, depth, repeats, device, amp))
-            announce(f"backbone: {backend} {amp}")
-            result["backbone"].append(bench_backbone(run, backend, depth, repeats, device, amp))
+    variants = [(backend, amp) for backend in backends for amp in (amps if backend == "torch" else ["none"])]
+    result["train_step"] = []
+    for backend, amp in variants:
+        announce(f"train steps: {backend} {amp}")
+        result["train_step"].append(bench_train_steps(run, backend, depth, repeats, device, amp))
+    announce(f"backbone: {', '.join(f'{b} {a}' for b, a in variants)}, in turns")
+    result["backbone"] = bench_backbones(run, variants, depth, max(3, repeats), device)
     announce("sparse conv: efficiency and dispatches")
     result["sparse_conv"] = bench_sparse_conv(run, result["backbone"], device)
 

@@ -218,6 +218,7 @@ class _Layout:
             row += len(run) * per
             slot += len(run)
         self.rows = row
+        self.padded = row > sum(counts)  # some layout rows hold no pair
         self.n = {"a": n_in, "b": n_out}
         self.slot_pairs = [counts[k] for k in self.slot_offsets_list]
         self.slot_offsets = torch.tensor(self.slot_offsets_list, dtype=torch.long, device=device)
@@ -570,12 +571,13 @@ def _conv_backward(x: Tensor, g: Tensor, w_perm: Tensor, w_centre: Tensor | None
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     grad_x = _mm(g, w_centre.t()) if need_x and w_centre is not None else None
     slot_grads = []
-    # Padded rows must add nothing to grad_w: gather x from a copy with a zero row appended.
-    x_ext = torch.nn.functional.pad(x, (0, 0, 0, 1)) if need_w and lay.rows else None
+    # Padded rows must add nothing to grad_w: gather x from a copy with a zero row appended
+    # (only where the layout pads: the CPU grouping never does, and skips that copy of x).
+    x_ext = torch.nn.functional.pad(x, (0, 0, 0, 1)) if need_w and lay.padded else x
     for ch in lay.chunks(max(c_in, c_out)):
         g_rows = _gather(g, lay.gather[(side_out, False)][ch.row0:ch.row1], 1, reuse)
         if need_w:
-            x_rows = _gather(x_ext, lay.gather[(side_in, True)][ch.row0:ch.row1], 0, reuse)
+            x_rows = _gather(x_ext, lay.gather[(side_in, lay.padded)][ch.row0:ch.row1], 0, reuse)
             for r, s, n, per in ch.pieces:
                 rows = slice(r, r + n * per)
                 slot_grads.append(_bmm(x_rows[rows].view(n, per, c_in).transpose(1, 2), g_rows[rows].view(n, per, c_out)))
