@@ -4,7 +4,7 @@ the decoder features a forward is asked to slice back to the points.
 
     python scripts/peak_memory_step.py RUN_DIR [--features dec4 | --features dec1,dec2,dec3,dec4]
 
-RUN_DIR: e.g. the `m2skd bench` work run (bench/work/prep_j2), which holds 64-beam scans.
+RUN_DIR: e.g. the `m2skd bench` work run (runs/bench/work/prep_j2), which holds 64-beam scans.
 One process per measurement: ru_maxrss only grows.
 """
 from __future__ import annotations
