@@ -50,20 +50,28 @@ BUDGETS = {
 }
 
 
+def timed_in_turns(fns: dict, repeats: int, warmup: int = 1, sync=None) -> dict:
+    """Median wall seconds of each fn() over `repeats` rounds after `warmup` rounds; a round
+    calls every fn once, in turn, so a shared machine's drift hits them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def timed(fn, repeats: int, warmup: int = 1, sync=None) -> float:
     """Median wall seconds of fn() over `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed_in_turns({0: fn}, repeats, warmup, sync)[0]
 
 
 def machine_name() -> str:
@@ -242,7 +250,7 @@ def bench_backbones(run: Path, variants: list[tuple[str, str]], depth: int, roun
     cfg = load_config("semantickitti")
     ds = ScanDataset(run, spec, ("train",), "single", cfg.voxel_size, None)
     batch = to_device(collate([ds[0]]), device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     models, steps = {}, {}
     for backend, amp in variants:
         torch.manual_seed(0)
@@ -255,18 +263,10 @@ def bench_backbones(run: Path, variants: list[tuple[str, str]], depth: int, roun
             model.zero_grad(set_to_none=True)
 
         models[(backend, amp)], steps[(backend, amp)] = model, fwd_bwd
-        fwd_bwd()  # warm-up
-    times = {key: [] for key in steps}
-    for _ in range(rounds):
-        for key, fwd_bwd in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            fwd_bwd()
-            sync()
-            times[key].append(time.perf_counter() - t0)
+    medians = timed_in_turns(steps, rounds, sync=sync)
     rows = []
     for (backend, amp), model in models.items():
-        seconds = statistics.median(times[(backend, amp)])
+        seconds = medians[(backend, amp)]
         row = {"backend": model.backend, "amp": amp, "depth": depth, "seconds": seconds, "rounds": rounds,
                "points": int(batch["coords"].shape[0]), "params": count_parameters(model)}
         if model.backend == "torch":
