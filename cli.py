@@ -117,6 +117,46 @@ def synth(out, sequences, frames, seed, beams, azimuth_steps, jobs):
 
 
 @main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False), required=False)
+@click.option("--sequences", default=None, help="Comma-separated sequences (default: every labelled one).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--shapes", is_flag=True, help="Also print the simulator's median points per hard-class object at 10 and 25 m.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
+@friendly_errors
+def stats(data, sequences, jobs, shapes, json_out):
+    """Class shares against SemanticKITTI's and hard-class instances by points and range, per split."""
+    from m2skd.atomic import write_json_atomic
+    from m2skd.dataset_stats import format_instances, format_shares
+    from pipeline.stats import run_stats
+
+    if data is None and not shapes:
+        raise click.UsageError("give a dataset directory DATA, or --shapes")
+    result = {}
+    if data is not None:
+        progress = Progress("stats")
+        result = run_stats(data, csv_list(sequences), jobs=jobs, progress=progress)
+        progress.close()
+    for group, figures in result.items():
+        click.echo(f"\n## {group}: {figures['scans']} scans of sequences {', '.join(figures['sequences'])}\n")
+        click.echo("\n".join(format_shares(figures["shares"])))
+        click.echo("\nhard-class instances (one per scan it appears in), by points in the scan and centroid range:\n")
+        click.echo("\n".join(format_instances(figures["instances"])))
+    if shapes:
+        from m2skd.dataset_spec import load_spec
+        from m2skd.synth.probe import median_points_table
+
+        spec = load_spec()
+        table = median_points_table()
+        result["median_points_single_object"] = {spec.labels[raw]: by_range for raw, by_range in table.items()}
+        click.echo("\nmedian points of one unoccluded object in a 64-beam scan (24 objects, random headings):\n")
+        click.echo("| class | 10 m | 25 m |\n|---|---|---|")
+        for raw, by_range in table.items():
+            click.echo(f"| {spec.labels[raw]} | {by_range[10.0]:g} | {by_range[25.0]:g} |")
+    if json_out:
+        write_json_atomic(json_out, result)
+
+
+@main.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--fusion", type=click.Choice(["hard", "all", "none"]), default="hard", show_default=True,

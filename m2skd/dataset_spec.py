@@ -21,6 +21,7 @@ class DatasetSpec:
     splits: dict[str, tuple[str, ...]]
     hard_classes: tuple[int, ...]
     color_map: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    content: dict[int, float] = field(default_factory=dict)  # share of points per raw id (reference data)
 
     @property
     def num_classes(self) -> int:
@@ -59,6 +60,24 @@ class DatasetSpec:
     def hard_instance_points(self, raw_label: np.ndarray) -> np.ndarray:
         """Per point: part of a hard-class instance (the points feature/affinity terms use)."""
         return self.hard_mask[self.learning_lut[raw_label & 0xFFFF]] & ((raw_label >> 16) > 0)
+
+    def training_shares(self, raw_counts: np.ndarray) -> np.ndarray:
+        """Share of points per training id from counts (or ratios) per raw id; unknown ids are left out."""
+        raw_counts = np.asarray(raw_counts, dtype=np.float64)
+        lut = self.learning_lut
+        n = min(len(raw_counts), len(lut))
+        known = lut[:n] != 255
+        per_class = np.bincount(lut[:n][known], weights=raw_counts[:n][known], minlength=self.num_classes)
+        return per_class / max(per_class.sum(), 1e-300)
+
+    @cached_property
+    def reference_shares(self) -> np.ndarray | None:
+        """Share of points per training id in the reference data (`content`), None if not described."""
+        if not self.content:
+            return None
+        counts = np.zeros(max(self.content) + 1)
+        counts[list(self.content)] = list(self.content.values())
+        return self.training_shares(counts)
 
     def split_of(self, sequence: str) -> str:
         for split, seqs in self.splits.items():
@@ -100,4 +119,5 @@ def load_spec(name_or_path: str | Path = "semantickitti") -> DatasetSpec:
         splits={k: tuple(str(s) for s in v) for k, v in raw["split"].items()},
         hard_classes=hard,
         color_map={int(k): tuple(v) for k, v in raw.get("color_map", {}).items()},
+        content={int(k): float(v) for k, v in (raw.get("content") or {}).items()},
     )

@@ -14,9 +14,11 @@ from typing import Callable
 
 import numpy as np
 
+from .. import dataset_stats as ds
 from .. import semantickitti as sk
 from ..atomic import write_bytes_atomic
 from ..dataset_spec import DatasetSpec, load_spec
+from ..dataset_stats import ScanInstances, label_stats
 from .lidar import simulate_scan
 from .scene import Scene, SynthConfig, SynthConfigError, build_scene
 
@@ -27,11 +29,6 @@ KITTI_TR = np.array([
     [9.999738645903e-01, 4.859485810390e-04, -7.206933692422e-03, -2.921968648686e-01],
     [0.0, 0.0, 0.0, 1.0],
 ])
-#: Hard-class instances closer / farther than these (m) count as near / far in the summary.
-NEAR_M, FAR_M = 15.0, 30.0
-RANGE_BINS = (0.0, 10.0, 20.0, 30.0, 40.0, 60.0, np.inf)
-
-
 def sequence_key(name: str) -> int:
     return zlib.crc32(name.encode())
 
@@ -44,12 +41,12 @@ def scene_for(sequence: str, frames: int, seed: int = 0, config: SynthConfig | N
 
 @dataclass
 class FrameStats:
+    sequence: str
     n_points: int
     raw_counts: np.ndarray        # points per raw id (bincount)
+    hard: ScanInstances           # hard-class instances: class, points, centroid range
     instance_ids: np.ndarray      # thing instances seen in the scan
     instance_raw: np.ndarray      # their raw ids
-    instance_points: np.ndarray   # their point counts
-    instance_range: np.ndarray    # range (m) of their centroid
     seconds: float                # simulation time, without writing
 
 
@@ -75,24 +72,24 @@ def generate_dataset(out_dir, sequences=("00",), frames: int = 20, seed: int = 0
     per_sequence, all_stats = {}, []
     for name in sequences:
         labelled = spec.split_of(name) != "test"
-        stats = write_sequence(out_dir / "sequences" / name, name, frames, seed, config, labelled, jobs, progress)
+        stats = write_sequence(out_dir / "sequences" / name, name, frames, seed, config, labelled, jobs, progress, spec)
         per_sequence[name] = {"split": spec.split_of(name), "frames": frames, "labelled": labelled}
         all_stats += stats
     return summarize(all_stats, per_sequence, spec)
 
 
 def write_sequence(seq_dir: Path, name: str, frames: int, seed: int, config: SynthConfig, labelled: bool,
-                   jobs: int, progress) -> list[FrameStats]:
+                   jobs: int, progress, spec: DatasetSpec) -> list[FrameStats]:
     scene = scene_for(name, frames, seed, config)
     _remove_stale(seq_dir, frames, labelled)
     tasks = range(frames)
     if jobs == 1:
-        stream = (write_frame(scene, seq_dir, name, i, seed, labelled) for i in tasks)
+        stream = (write_frame(scene, seq_dir, name, i, seed, labelled, spec) for i in tasks)
     else:
         from joblib import Parallel, delayed
 
         stream = Parallel(n_jobs=jobs, return_as="generator")(
-            delayed(write_frame)(scene, seq_dir, name, i, seed, labelled) for i in tasks)
+            delayed(write_frame)(scene, seq_dir, name, i, seed, labelled, spec) for i in tasks)
     stats = []
     for frame_stats in stream:
         stats.append(frame_stats)
@@ -125,7 +122,8 @@ def _remove_stale(seq_dir: Path, frames: int, labelled: bool) -> None:
             folder.rmdir()
 
 
-def write_frame(scene: Scene, seq_dir: Path, name: str, frame: int, seed: int, labelled: bool) -> FrameStats:
+def write_frame(scene: Scene, seq_dir: Path, name: str, frame: int, seed: int, labelled: bool,
+                spec: DatasetSpec) -> FrameStats:
     rng = np.random.default_rng(np.random.SeedSequence([seed, sequence_key(name), 1, frame]))
     start = time.perf_counter()
     scan = simulate_scan(scene, frame, rng)
@@ -133,34 +131,26 @@ def write_frame(scene: Scene, seq_dir: Path, name: str, frame: int, seed: int, l
     sk.write_scan(seq_dir / "velodyne" / f"{frame:06d}.bin", scan.points)
     if labelled:
         sk.write_label(seq_dir / "labels" / f"{frame:06d}.label", scan.raw, scan.instance)
-    return frame_stats(scan, seconds)
+    return frame_stats(name, scan, seconds, spec)
 
 
-def frame_stats(scan, seconds: float) -> FrameStats:
+def frame_stats(sequence: str, scan, seconds: float, spec: DatasetSpec) -> FrameStats:
+    raw_counts, hard = label_stats(scan.points[:, :3], scan.raw, scan.instance, spec)
     things = scan.instance > 0
-    ids, first, inverse, counts = np.unique(scan.instance[things], return_index=True, return_inverse=True,
-                                            return_counts=True)
-    centroids = np.zeros((len(ids), 3))
-    np.add.at(centroids, inverse, scan.points[things, :3].astype(np.float64))
-    centroids /= np.maximum(counts, 1)[:, None]
-    return FrameStats(
-        n_points=len(scan.points),
-        raw_counts=np.bincount(scan.raw, minlength=260),
-        instance_ids=ids,
-        instance_raw=scan.raw[things][first] if len(ids) else np.zeros(0, np.uint32),
-        instance_points=counts,
-        instance_range=np.linalg.norm(centroids, axis=1),
-        seconds=seconds,
-    )
+    ids, first = np.unique(scan.instance[things], return_index=True)
+    return FrameStats(sequence=sequence, n_points=len(scan.points), raw_counts=raw_counts, hard=hard,
+                      instance_ids=ids, instance_raw=scan.raw[things][first], seconds=seconds)
 
 
 def summarize(stats: list[FrameStats], per_sequence: dict, spec: DatasetSpec) -> dict:
-    """Scalars at the top level (what a CLI prints), details in nested dicts."""
+    """Scalars at the top level (what a CLI prints), details in nested dicts: the class shares
+    and hard-instance histograms of `m2skd stats`, over every labelled scan written."""
     n_points = np.array([s.n_points for s in stats])
-    raw_counts = np.sum([s.raw_counts for s in stats], axis=0)
-    hard = _hard_instance_rows(stats, spec)
-    near = hard["points"][hard["range"] < NEAR_M]
-    far = hard["points"][hard["range"] >= FAR_M]
+    labelled = [s for s in stats if per_sequence[s.sequence]["labelled"]]
+    figures = ds.combine([(s.sequence, s.raw_counts, s.hard) for s in labelled], spec)
+    shares = ds.share_rows(figures, spec)
+    hard_share = shares[-1]
+    instances = ds.instance_histograms(figures, spec)
     return {
         "sequences": per_sequence,
         "scans": len(stats),
@@ -168,44 +158,20 @@ def summarize(stats: list[FrameStats], per_sequence: dict, spec: DatasetSpec) ->
         "points_per_scan_min": int(n_points.min()),
         "points_per_scan_max": int(n_points.max()),
         "seconds_per_scan": float(np.mean([s.seconds for s in stats])),
-        f"hard_points_median_near_{NEAR_M:g}m": _median(near),
-        f"hard_points_median_far_{FAR_M:g}m": _median(far),
-        "hard_points_median_by_range": _by_range(hard),
-        "class_points": {spec.labels.get(r, str(r)): int(c) for r, c in enumerate(raw_counts) if c},
-        "instances": _instances_per_class(stats, per_sequence, spec),
+        "hard_class_share": hard_share["share"],
+        "hard_class_share_vs_semantickitti": hard_share["ratio"],
+        f"hard_instances_with_{ds.MEASURABLE_POINTS}+_points": sum(
+            h[f"with_{ds.MEASURABLE_POINTS}+_points"] for h in instances.values()),
+        "shares": shares,
+        "hard_instances": instances,
+        "instances": _instances_per_class(stats, spec),
     }
 
 
-def _hard_instance_rows(stats: list[FrameStats], spec: DatasetSpec) -> dict:
-    """Per (scan, hard-class instance): point count and centroid range."""
-    raw = np.concatenate([s.instance_raw for s in stats]).astype(np.int64)
-    points = np.concatenate([s.instance_points for s in stats])
-    ranges = np.concatenate([s.instance_range for s in stats])
-    is_hard = spec.hard_mask[spec.learning_lut[raw]] if raw.size else np.zeros(0, bool)
-    return {"points": points[is_hard], "range": ranges[is_hard]}
-
-
-def _by_range(hard: dict) -> dict:
-    out = {}
-    for lo, hi in zip(RANGE_BINS[:-1], RANGE_BINS[1:]):
-        sel = (hard["range"] >= lo) & (hard["range"] < hi)
-        label = f"{lo:g}-{hi:g}m" if np.isfinite(hi) else f">{lo:g}m"
-        out[label] = {"instances": int(sel.sum()), "median_points": _median(hard["points"][sel])}
-    return out
-
-
-def _instances_per_class(stats: list[FrameStats], per_sequence: dict, spec: DatasetSpec) -> dict:
+def _instances_per_class(stats: list[FrameStats], spec: DatasetSpec) -> dict:
     """Distinct instances seen per raw class (ids are unique within a sequence)."""
     seen: dict[str, set] = {}
-    frames_per_seq = [(name, info["frames"]) for name, info in per_sequence.items()]
-    index = 0
-    for name, n in frames_per_seq:
-        for s in stats[index:index + n]:
-            for inst, raw in zip(s.instance_ids.tolist(), s.instance_raw.tolist()):
-                seen.setdefault(spec.labels.get(raw, str(raw)), set()).add((name, inst))
-        index += n
+    for s in stats:
+        for inst, raw in zip(s.instance_ids.tolist(), s.instance_raw.tolist()):
+            seen.setdefault(spec.labels.get(raw, str(raw)), set()).add((s.sequence, inst))
     return {label: len(ids) for label, ids in sorted(seen.items())}
-
-
-def _median(values: np.ndarray) -> float | None:
-    return float(np.median(values)) if len(values) else None

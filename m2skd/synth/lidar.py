@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .scene import CURB_HEIGHT, PARKING_OUTER, GROUND_IDS, SIDEWALK, Scene, SynthConfig
+from .scene import CURB_HEIGHT, GROUND_IDS, OUTLIER_GID, PARKING_OUTER, SIDEWALK, Scene, SynthConfig
 
 _SIDEWALK_GID = GROUND_IDS.index(SIDEWALK)
 
@@ -122,7 +122,11 @@ def cast_objects(scene, positions, headings, origin, rotation, grid: RayGrid, di
         return
     centers = positions + _rotate_xy(packed.bound_center, headings)
     centers_sensor = (centers - origin) @ rotation
-    blocks = _angular_blocks(centers_sensor, packed.bound_radius, grid, scene.config.max_range)
+    # height range relative to the sensor, and the most the sensor's pitch and roll tilt a ray
+    z_span = np.column_stack([positions[:, 2] + packed.bound_z[:, 0] - origin[2] - 0.01,
+                              positions[:, 2] + packed.bound_z[:, 1] - origin[2] + 0.01])
+    tilt = np.radians(2.0 * scene.config.tilt_deg + 0.1)
+    blocks = _angular_blocks(centers_sensor, packed.bound_radius, grid, scene.config.max_range, z_span, tilt)
     world = _world_primitives(packed, positions, headings)
     for obj, r0, r1, c0, c1 in blocks:
         block_dirs = dirs_scene[r0:r1, c0:c1]
@@ -142,12 +146,16 @@ def _rotate_xy(local: np.ndarray, yaw: np.ndarray) -> np.ndarray:
     return out
 
 
-def _angular_blocks(centers, radii, grid: RayGrid, max_range: float) -> list[tuple[int, int, int, int, int]]:
+def _angular_blocks(centers, radii, grid: RayGrid, max_range: float, z_span=None,
+                    tilt: float = 0.0) -> list[tuple[int, int, int, int, int]]:
     """(object, row0, row1, col0, col1) ray blocks that can hit each object's bounding sphere.
 
     A ray hits the sphere only if its azimuth is within asin(r / rho) of the centre's (rho:
     horizontal distance) and its elevation within asin(r / dist); a span across the -pi/pi
-    seam is split in two blocks.
+    seam is split in two blocks. With `z_span` (n, 2), the height range of each object relative
+    to the sensor in the level scene frame, the elevations are narrowed further to those that
+    reach that height range within the sphere's horizontal distances, widened by `tilt` (rad),
+    the most the sensor's attitude turns a ray (long, low things such as fences and hedges).
     """
     n_rows, n_cols = grid.shape
     dist = np.linalg.norm(centers, axis=1)
@@ -161,6 +169,15 @@ def _angular_blocks(centers, radii, grid: RayGrid, max_range: float) -> list[tup
     col_step = 2 * np.pi / n_cols
     col_lo = np.floor((az - half_az + np.pi) / col_step).astype(np.int64)
     col_hi = np.floor((az + half_az + np.pi) / col_step).astype(np.int64) + 1
+    if z_span is not None:
+        rho_near = np.maximum(rho - radii, 0.1)
+        rho_far = rho + radii
+        z_lo, z_hi = z_span[:, 0], z_span[:, 1]
+        el_lo = np.arctan2(z_lo, np.where(z_lo < 0, rho_near, rho_far)) - tilt
+        el_hi = np.arctan2(z_hi, np.where(z_hi > 0, rho_near, rho_far)) + tilt
+        lower, upper = np.maximum(el - half_el, el_lo), np.minimum(el + half_el, el_hi)
+        reachable &= upper >= lower
+        el, half_el = (lower + upper) / 2, np.maximum((upper - lower) / 2, 0.0)
     descending = -grid.elevation  # ascending, for searchsorted
     row_lo = np.searchsorted(descending, -(el + half_el), side="left")
     row_hi = np.searchsorted(descending, -(el - half_el), side="right")
@@ -183,13 +200,12 @@ def _angular_blocks(centers, radii, grid: RayGrid, max_range: float) -> list[tup
 def _world_primitives(packed, positions, headings) -> dict:
     """Primitive parameters in the scene frame at this time (all objects at once)."""
     world = {}
-    box, ell, cyl = packed.box, packed.ellipsoid, packed.cylinder
-    owner = _owners(packed.start["box"])
-    world["box_center"] = positions[owner] + _rotate_xy(box["center"], headings[owner])
-    world["box_yaw"] = box["yaw"] + headings[owner]
-    owner = _owners(packed.start["ellipsoid"])
-    world["ell_center"] = positions[owner] + _rotate_xy(ell["center"], headings[owner])
-    world["ell_yaw"] = ell["yaw"] + headings[owner]
+    for kind, prefix in (("box", "box"), ("ellipsoid", "ell"), ("ring", "ring")):
+        table = packed.__dict__[kind]
+        owner = _owners(packed.start[kind])
+        world[f"{prefix}_center"] = positions[owner] + _rotate_xy(table["center"], headings[owner])
+        world[f"{prefix}_yaw"] = table["yaw"] + headings[owner]
+    cyl = packed.cylinder
     owner = _owners(packed.start["cylinder"])
     xy = np.column_stack([cyl["xy"], np.zeros(len(owner))]) if len(owner) else np.zeros((0, 3))
     world["cyl_xy"] = (positions[owner] + _rotate_xy(xy, headings[owner]))[:, :2]
@@ -206,9 +222,10 @@ def _object_hits(packed, world, obj: int, origin, dirs) -> tuple[np.ndarray, np.
     ts, gids = [], []
     a, b = packed.start["box"][obj:obj + 2]
     if b > a:
-        ts.append(intersect_boxes(origin, dirs, world["box_center"][a:b], packed.box["half"][a:b],
-                                  world["box_yaw"][a:b]))
-        gids.append(packed.box["gid"][a:b])
+        box = packed.box
+        ts.append(intersect_boxes(origin, dirs, world["box_center"][a:b], box["half"][a:b], world["box_yaw"][a:b],
+                                  box["pitch"][a:b]))
+        gids.append(box["gid"][a:b])
     a, b = packed.start["cylinder"][obj:obj + 2]
     if b > a:
         ts.append(intersect_cylinders(origin, dirs, world["cyl_xy"][a:b], world["cyl_z"][a:b],
@@ -216,9 +233,16 @@ def _object_hits(packed, world, obj: int, origin, dirs) -> tuple[np.ndarray, np.
         gids.append(packed.cylinder["gid"][a:b])
     a, b = packed.start["ellipsoid"][obj:obj + 2]
     if b > a:
-        ts.append(intersect_ellipsoids(origin, dirs, world["ell_center"][a:b], packed.ellipsoid["semi"][a:b],
-                                       world["ell_yaw"][a:b]))
-        gids.append(packed.ellipsoid["gid"][a:b])
+        ell = packed.ellipsoid
+        ts.append(intersect_ellipsoids(origin, dirs, world["ell_center"][a:b], ell["semi"][a:b],
+                                       world["ell_yaw"][a:b], ell["pitch"][a:b]))
+        gids.append(ell["gid"][a:b])
+    a, b = packed.start["ring"][obj:obj + 2]
+    if b > a:
+        ring = packed.ring
+        ts.append(intersect_rings(origin, dirs, world["ring_center"][a:b], world["ring_yaw"][a:b], ring["radius"][a:b],
+                                  ring["inner"][a:b], ring["half_width"][a:b]))
+        gids.append(ring["gid"][a:b])
     t_all = np.concatenate(ts) if len(ts) > 1 else ts[0]
     gid_all = np.concatenate(gids) if len(gids) > 1 else gids[0]
     if len(t_all) == 1:
@@ -229,19 +253,26 @@ def _object_hits(packed, world, obj: int, origin, dirs) -> tuple[np.ndarray, np.
 
 # --- ray / primitive intersection: origin (3,), dirs (n, 3), k primitives -> t (k, n) ---------
 
-def _to_local(origin, dirs, centers, yaws):
-    """Origin (k, 3) and directions (3 arrays broadcasting to (k, n)) in each primitive's frame."""
+def _to_local(origin, dirs, centers, yaws, pitches=None):
+    """Origin (k, 3) and directions (3 arrays broadcasting to (k, n)) in each primitive's frame:
+    undo the yaw about z, then the pitch about the primitive's own y."""
     c, s = np.cos(yaws)[:, None], np.sin(yaws)[:, None]
     rel = origin - centers
     o_local = np.column_stack([c[:, 0] * rel[:, 0] + s[:, 0] * rel[:, 1],
                                -s[:, 0] * rel[:, 0] + c[:, 0] * rel[:, 1], rel[:, 2]])
     dx, dy, dz = dirs[:, 0][None], dirs[:, 1][None], dirs[:, 2][None]
-    return o_local, (c * dx + s * dy, -s * dx + c * dy, dz)
+    d_local = (c * dx + s * dy, -s * dx + c * dy, dz)
+    if pitches is None or not np.any(pitches):
+        return o_local, d_local
+    cp, sp = np.cos(pitches)[:, None], np.sin(pitches)[:, None]
+    o_local = np.column_stack([cp[:, 0] * o_local[:, 0] - sp[:, 0] * o_local[:, 2], o_local[:, 1],
+                               sp[:, 0] * o_local[:, 0] + cp[:, 0] * o_local[:, 2]])
+    return o_local, (cp * d_local[0] - sp * d_local[2], d_local[1], sp * d_local[0] + cp * d_local[2])
 
 
-def intersect_boxes(origin, dirs, centers, halves, yaws) -> np.ndarray:
-    """Slab test against oriented boxes (yaw about z)."""
-    o_local, d_local = _to_local(origin, dirs, centers, yaws)
+def intersect_boxes(origin, dirs, centers, halves, yaws, pitches=None) -> np.ndarray:
+    """Slab test against oriented boxes (yaw about z, pitch about their own y)."""
+    o_local, d_local = _to_local(origin, dirs, centers, yaws, pitches)
     t_near = np.full((len(centers), len(dirs)), -np.inf)
     t_far = np.full((len(centers), len(dirs)), np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -277,9 +308,9 @@ def intersect_cylinders(origin, dirs, xy, z_range, radii) -> np.ndarray:
     return np.minimum(np.where(side_ok, t_side, np.inf), np.where(top_ok, t_top, np.inf))
 
 
-def intersect_ellipsoids(origin, dirs, centers, semis, yaws) -> np.ndarray:
-    """Ellipsoids (yaw about z): scaled to the unit sphere, then a quadratic."""
-    o_local, d_local = _to_local(origin, dirs, centers, yaws)
+def intersect_ellipsoids(origin, dirs, centers, semis, yaws, pitches=None) -> np.ndarray:
+    """Ellipsoids (yaw about z, pitch about their own y): scaled to the unit sphere, then a quadratic."""
+    o_local, d_local = _to_local(origin, dirs, centers, yaws, pitches)
     o_unit = o_local / semis
     d_unit = [d_local[axis] / semis[:, axis:axis + 1] for axis in range(3)]
     a = d_unit[0] ** 2 + d_unit[1] ** 2 + d_unit[2] ** 2
@@ -291,15 +322,45 @@ def intersect_ellipsoids(origin, dirs, centers, semis, yaws) -> np.ndarray:
     return np.where((disc >= 0) & (t > 0), t, np.inf)
 
 
+def intersect_rings(origin, dirs, centers, yaws, radii, inner, half_widths) -> np.ndarray:
+    """Wheels: the solid inner <= sqrt(x^2 + z^2) <= radius, |y| <= half_width about the local
+    y axis. The first boundary point a ray reaches is the nearest of: a side face inside the
+    annulus, the outer cylinder's entry, or the inner cylinder's exit (through the empty hub
+    area), each within the slab."""
+    o, (dx, dy, dz) = _to_local(origin, dirs, centers, yaws)
+    ox, oy, oz = o[:, :1], o[:, 1:2], o[:, 2:]
+    r_out2, r_in2, hw = (radii ** 2)[:, None], (inner ** 2)[:, None], half_widths[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_face = (np.sign(oy) * hw - oy) / dy
+        px, pz = ox + t_face * dx, oz + t_face * dz
+        rho2 = px * px + pz * pz
+        face = np.where((t_face > 0) & (rho2 <= r_out2) & (rho2 >= r_in2), t_face, np.inf)
+        a = dx * dx + dz * dz
+        b = ox * dx + oz * dz
+        c0 = ox * ox + oz * oz
+        disc_out = b * b - a * (c0 - r_out2)
+        t_out = (-b - np.sqrt(disc_out)) / a
+        y_out = oy + t_out * dy
+        outer = np.where((disc_out >= 0) & (t_out > 0) & (np.abs(y_out) <= hw), t_out, np.inf)
+        disc_in = b * b - a * (c0 - r_in2)
+        t_in = (-b + np.sqrt(disc_in)) / a
+        y_in = oy + t_in * dy
+        inner_wall = np.where((disc_in >= 0) & (t_in > 0) & (np.abs(y_in) <= hw), t_in, np.inf)
+    return np.minimum(face, np.minimum(outer, inner_wall))
+
+
 # --- from hits to points --------------------------------------------------------------------
 
 def make_scan(scene: Scene, grid: RayGrid, best_t, best_gid, rng: np.random.Generator) -> Scan:
     """Points in the sensor frame (row-major over beams, then azimuth) with range noise,
     dropout of random rays, and remission = albedo x range falloff + noise."""
     cfg, packed = scene.config, scene.packed
-    keep = (best_t <= cfg.max_range) & (rng.random(best_t.shape) >= cfg.dropout)
+    draw = rng.random(best_t.shape)
+    outlier = draw >= 1.0 - cfg.outliers  # a spurious return before the surface (dust, multipath)
+    keep = ((best_t <= cfg.max_range) | outlier) & (draw >= cfg.dropout)
+    best_t = np.where(outlier, np.minimum(best_t, cfg.max_range) * rng.random(best_t.shape) + 0.5, best_t)
     t = best_t[keep]
-    gid = best_gid[keep]
+    gid = np.where(outlier, OUTLIER_GID, best_gid)[keep]
     noise_std = np.hypot(cfg.range_noise_std, packed.roughness[gid])
     t_measured = np.maximum(t + rng.standard_normal(t.size) * noise_std, 0.05)
     xyz = grid.dirs[keep] * t_measured[:, None]

@@ -1,10 +1,16 @@
 """Procedural street scene for the synthetic LiDAR: ground regions, objects, ego path.
 
 The street runs along +x of a *scene frame* whose ground is z = 0. Every object is a few
-primitives (oriented boxes, vertical cylinders, ellipsoids) in its own local frame, placed by a
-position and a heading; moving objects follow position = start + velocity * t with their
-heading along the velocity. The LiDAR's world frame (SemanticKITTI's pose frame) is the
-sensor frame of the first scan, so its first pose is the identity, as in the real data.
+primitives (see shapes.py) in its own local frame, placed by a position and a heading; moving
+objects follow position = start + velocity * t with their heading along the velocity. The
+LiDAR's world frame (SemanticKITTI's pose frame) is the sensor frame of the first scan, so its
+first pose is the identity, as in the real data.
+
+The street is a residential one like most of SemanticKITTI: two lanes, a parking strip or
+grass verge, a raised sidewalk, a green strip with trees, then fences, hedges, walls and yards
+in front of the buildings. Its densities are set so that a drive's class shares come near the
+official `content` ratios (`m2skd stats` compares them): much vegetation, sidewalk and
+terrain, hard-class things rare and mostly far.
 """
 from __future__ import annotations
 
@@ -14,18 +20,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import M2SKDError
+from .shapes import (BICYCLE, BICYCLIST, BUILDING, BUS, CAR, FENCE, LANE_MARKING, MOTORCYCLE, MOTORCYCLIST,
+                     OTHER_GROUND, OTHER_OBJECT, OTHER_STRUCTURE, OTHER_VEHICLE, OUTLIER, PARKING, PERSON, POLE,
+                     ROAD, SIDEWALK, TERRAIN, TRAFFIC_SIGN, TRUCK, TRUNK, UNLABELED, VEGETATION, Box, Cylinder,
+                     Ellipsoid, Part, Ring, bicycle_parts, bicyclist_parts, bus_parts, bush_parts, car_parts,
+                     clutter_parts, fence_parts, hedge_parts, motorcycle_parts, motorcyclist_parts,
+                     other_vehicle_parts, person_parts, pole_parts, sign_parts, tree_parts, truck_parts, wall_parts,
+                     building_parts)
 
 
 class SynthConfigError(M2SKDError, ValueError):
     """Impossible simulation settings (reported by the CLI as one line)."""
 
-
-# --- raw SemanticKITTI ids ------------------------------------------------------------------
-CAR, BICYCLE, BUS, MOTORCYCLE, TRUCK, OTHER_VEHICLE = 10, 11, 13, 15, 18, 20
-PERSON, BICYCLIST, MOTORCYCLIST = 30, 31, 32
-ROAD, PARKING, SIDEWALK, OTHER_GROUND = 40, 44, 48, 49
-BUILDING, FENCE, LANE_MARKING = 50, 51, 60
-VEGETATION, TRUNK, TERRAIN, POLE, TRAFFIC_SIGN = 70, 71, 72, 80, 81
 
 #: Official moving-* id of each movable class.
 MOVING_ID = {CAR: 252, BICYCLIST: 253, PERSON: 254, MOTORCYCLIST: 255, BUS: 257, TRUCK: 258, OTHER_VEHICLE: 259}
@@ -37,28 +43,34 @@ THING_IDS = frozenset({CAR, BICYCLE, BUS, MOTORCYCLE, TRUCK, OTHER_VEHICLE, PERS
 GROUND_IDS = (ROAD, LANE_MARKING, PARKING, SIDEWALK, OTHER_GROUND, TERRAIN)
 _GROUND_GID_OF_RAW = np.zeros(max(GROUND_IDS) + 1, dtype=np.int64)
 _GROUND_GID_OF_RAW[list(GROUND_IDS)] = np.arange(len(GROUND_IDS))
+#: Primitive ids every scene has: the ground classes, then the LiDAR's spurious returns.
+FIXED_IDS = GROUND_IDS + (OUTLIER,)
+OUTLIER_GID = len(GROUND_IDS)
 
 #: Base reflectivity per raw id; the LiDAR adds per-object variation, range falloff and noise.
 ALBEDO = {ROAD: 0.18, LANE_MARKING: 0.6, PARKING: 0.22, SIDEWALK: 0.3, OTHER_GROUND: 0.26, TERRAIN: 0.36,
-          BUILDING: 0.3, FENCE: 0.34, VEGETATION: 0.42, TRUNK: 0.28, POLE: 0.32, TRAFFIC_SIGN: 0.85,
+          BUILDING: 0.3, FENCE: 0.34, OTHER_STRUCTURE: 0.3, VEGETATION: 0.42, TRUNK: 0.28, POLE: 0.32,
+          TRAFFIC_SIGN: 0.85, OTHER_OBJECT: 0.35, UNLABELED: 0.3, OUTLIER: 0.1,
           CAR: 0.3, TRUCK: 0.34, BUS: 0.34, OTHER_VEHICLE: 0.3, BICYCLE: 0.24, MOTORCYCLE: 0.3,
           PERSON: 0.2, BICYCLIST: 0.22, MOTORCYCLIST: 0.24}
 #: Extra range noise (m) of rough surfaces: foliage and grass scatter the return.
 ROUGHNESS = {VEGETATION: 0.06, TERRAIN: 0.02}
 
 # --- street cross-section (|y|, metres) -----------------------------------------------------
-LANE_HALF_WIDTH = 5.25       # road: a lane each way and a bike lane at each edge
-PARKING_OUTER = 7.75         # parking strip, then the curb
-SIDEWALK_OUTER = 10.25
-GREEN_OUTER = 13.25          # terrain strip (grass / gravel), then buildings and yards
+LANE_HALF_WIDTH = 3.5        # road: a lane each way
+PARKING_OUTER = 5.75         # parking strip, road or grass verge, then the curb
+SIDEWALK_OUTER = 8.25
+GREEN_OUTER = 10.25          # terrain strip (grass / gravel) with trees, then the property line
 CURB_HEIGHT = 0.15           # sidewalk and everything beyond it are raised by this
-LANE_LINES = (0.0, 3.5)      # dashed markings at y = 0 and y = +-3.5
+LANE_LINES = (0.0,)          # dashed centre line
 MARK_HALF_WIDTH = 0.075
 DASH_LENGTH, DASH_PERIOD = 3.0, 9.0
 EGO_LANE_Y = -1.75           # right-hand traffic: the ego drives at y < 0 towards +x
 ONCOMING_LANE_Y = 1.75
-BIKE_LANES = ((-4.4, +1), (4.4, -1))  # (y, direction)
-EGO_CLEARANCE = 12.0         # traffic in the ego's lane keeps this far (m) from the ego
+#: (y, direction, density factor) of cyclists keeping to the lane's edge; fewer ride the ego's
+#: way, since the ego would spend many scans beside each one at a small relative speed
+RIDER_LINES = ((-3.2, +1, 0.3), (3.2, -1, 1.0))
+EGO_CLEARANCE = 20.0         # traffic in the ego's lane keeps this far (m) from the ego
 
 
 @dataclass(frozen=True)
@@ -75,35 +87,41 @@ class SynthConfig:
     range_noise_std: float = 0.02
     remission_noise_std: float = 0.03
     dropout: float = 0.03
+    outliers: float = 0.0005             # fraction of rays that return a spurious point (raw id 1)
     # ego motion
     ego_speed: float = 8.0
     frame_dt: float = 0.1
     street_length: float | None = None  # populated length; None: the drive plus the range both ways
-    sway_amplitude: float = 0.8          # lateral offset (m) of a slow lane wander
+    sway_amplitude: float = 0.5          # lateral offset (m) of a slow lane wander
     sway_wavelength: float = 140.0
     heading_wobble_deg: float = 1.0
     tilt_deg: float = 0.4                # pitch/roll amplitude (suspension)
     # static stuff
-    building_fill: float = 0.7           # fraction of the building line that is built
-    trees_per_100m: float = 10.0
-    bushes_per_100m: float = 12.0
-    hedges_per_100m: float = 3.0
+    facade_fraction: float = 0.3         # lots whose building stands at the property line
+    building_fill: float = 0.7           # of the other lots: with a building behind the yard
+    trees_per_100m: float = 12.0
+    bushes_per_100m: float = 18.0
+    yard_plants_per_100m: float = 20.0   # bushes and trees in the yards
+    hedge_fraction: float = 0.25         # of the property line: hedge, else fence or wall
+    wall_fraction: float = 0.12          # of the rest: a wall (other-structure), else a fence
     poles_per_100m: float = 4.0
     signs_per_100m: float = 3.0
-    parking_fraction: float = 0.7        # fraction of the parking strip that is parking (rest: road)
-    parked_fill: float = 0.65            # fraction of parking length occupied by parked vehicles
+    clutter_per_100m: float = 10.0       # bins, benches, bollards (other-object)
+    parking_fraction: float = 0.12      # fraction of the parking strip that is parking (rest: road or grass)
+    parked_fill: float = 0.7             # fraction of parking length occupied by parked vehicles
     other_ground_fraction: float = 0.15  # fraction of the green strip that is gravel (other-ground)
-    # small static things
-    parked_bicycles_per_100m: float = 3.0
-    parked_motorcycles_per_100m: float = 1.5
-    standing_persons_per_100m: float = 3.0
-    waiting_bicyclists_per_100m: float = 0.6
-    waiting_motorcyclists_per_100m: float = 0.4
+    # small static things (hard classes)
+    parked_bicycles_per_100m: float = 0.4
+    parked_motorcycles_per_100m: float = 0.08
+    standing_persons_per_100m: float = 0.3
+    waiting_bicyclists_per_100m: float = 0.1
+    waiting_motorcyclists_per_100m: float = 0.05
     # moving things
-    walking_persons_per_100m: float = 4.0
-    vehicles_per_100m_per_lane: float = 1.5
-    riders_per_100m_per_lane: float = 1.5
-    motorcyclist_share: float = 0.3      # of riders in the bike lanes
+    walking_persons_per_100m: float = 0.3
+    vehicles_per_100m_per_lane: float = 0.8
+    riders_per_100m_per_lane: float = 0.08
+    heavy_vehicle_share: float = 0.08    # trucks, buses, vans and trailers among vehicles
+    motorcyclist_share: float = 0.04    # of vehicles in the traffic lanes
 
     def __post_init__(self):
         if self.beams < 2 or self.azimuth_steps < 8:
@@ -112,41 +130,8 @@ class SynthConfig:
             raise SynthConfigError("need -90 < fov_down < fov_up < 90 degrees")
         if self.max_range <= 0 or self.frame_dt <= 0 or self.sensor_height <= CURB_HEIGHT:
             raise SynthConfigError("max_range and frame_dt must be positive, the sensor above the curb")
-        if not 0 <= self.dropout < 1:
-            raise SynthConfigError("dropout must be in [0, 1)")
-
-
-# --- primitives and objects -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Box:
-    center: tuple
-    half: tuple
-    yaw: float = 0.0
-
-
-@dataclass(frozen=True)
-class Cylinder:
-    """Vertical cylinder (objects only turn about z, so it stays vertical)."""
-
-    x: float
-    y: float
-    z0: float
-    z1: float
-    radius: float
-
-
-@dataclass(frozen=True)
-class Ellipsoid:
-    center: tuple
-    semi: tuple
-    yaw: float = 0.0
-
-
-@dataclass(frozen=True)
-class Part:
-    shape: Box | Cylinder | Ellipsoid
-    raw: int | None = None  # overrides the object's class (tree trunk vs crown, sign pole vs board)
+        if not 0 <= self.dropout < 1 or not 0 <= self.outliers < 1:
+            raise SynthConfigError("dropout and outliers must be in [0, 1)")
 
 
 @dataclass
@@ -178,127 +163,10 @@ class SceneObject:
         return np.column_stack([c * rel[:, 0] + s * rel[:, 1], -s * rel[:, 0] + c * rel[:, 1], rel[:, 2]])
 
 
-# --- shape builders (local frame: x forward, y left, z up, origin on the ground) -------------
-
-def car_parts(rng) -> list:
-    length, width, height = rng.uniform(3.9, 4.8), rng.uniform(1.7, 1.9), rng.uniform(1.4, 1.6)
-    body = Box((0.0, 0.0, 0.62), (length / 2, width / 2, 0.47))
-    cabin_h = (height - 1.09) / 2
-    cabin = Box((-0.08 * length, 0.0, 1.09 + cabin_h), (0.27 * length, 0.45 * width, cabin_h))
-    return [Part(body), Part(cabin)]
-
-
-def truck_parts(rng) -> list:
-    length, top = rng.uniform(7.0, 10.0), rng.uniform(3.2, 3.9)
-    cargo_len = length - 2.4
-    cargo = Box((-length / 2 + cargo_len / 2, 0.0, (0.55 + top) / 2), (cargo_len / 2, 1.25, (top - 0.55) / 2))
-    cab = Box((length / 2 - 1.15, 0.0, 1.65), (1.1, 1.2, 1.25))
-    return [Part(cargo), Part(cab)]
-
-
-def bus_parts(rng) -> list:
-    length = rng.uniform(10.0, 12.5)
-    return [Part(Box((0.0, 0.0, 1.7), (length / 2, 1.25, 1.4)))]
-
-
-def other_vehicle_parts(rng) -> list:
-    length, width, top = rng.uniform(4.5, 6.0), rng.uniform(1.9, 2.2), rng.uniform(2.2, 2.8)
-    return [Part(Box((0.0, 0.0, (0.3 + top) / 2), (length / 2, width / 2, (top - 0.3) / 2)))]
-
-
-def bicycle_parts(rng=None) -> list:
-    """About 1.7 x 0.5 x 1.1 m, mostly thin members: few points even when near."""
-    return [Part(Box((0.52, 0.0, 0.34), (0.34, 0.025, 0.34))),
-            Part(Box((-0.52, 0.0, 0.34), (0.34, 0.025, 0.34))),
-            Part(Box((0.0, 0.0, 0.62), (0.45, 0.04, 0.17))),
-            Part(Box((-0.25, 0.0, 0.93), (0.12, 0.07, 0.06))),
-            Part(Box((0.45, 0.0, 1.02), (0.05, 0.27, 0.06)))]
-
-
-def motorcycle_parts(rng=None) -> list:
-    """About 2.0 x 0.75 x 1.2 m."""
-    return [Part(Box((0.7, 0.0, 0.31), (0.31, 0.06, 0.31))),
-            Part(Box((-0.7, 0.0, 0.31), (0.31, 0.06, 0.31))),
-            Part(Box((0.0, 0.0, 0.62), (0.6, 0.2, 0.27))),
-            Part(Box((-0.1, 0.0, 0.98), (0.45, 0.16, 0.1))),
-            Part(Box((0.55, 0.0, 1.12), (0.06, 0.37, 0.06)))]
-
-
-def person_parts(rng) -> list:
-    """About 0.5 m wide and 1.75 m tall (scaled per person): legs, torso, head."""
-    s = rng.uniform(0.9, 1.08)
-    return [Part(Cylinder(0.0, 0.1, 0.0, 0.85 * s, 0.075)),
-            Part(Cylinder(0.0, -0.1, 0.0, 0.85 * s, 0.075)),
-            Part(Ellipsoid((0.0, 0.0, 1.17 * s), (0.13, 0.24, 0.34 * s))),
-            Part(Ellipsoid((0.0, 0.0, 1.63 * s), (0.1, 0.09, 0.12 * s)))]
-
-
-def rider_parts(helmet: bool) -> list:
-    head = 0.14 if helmet else 0.11
-    return [Part(Cylinder(-0.1, 0.14, 0.6, 1.1, 0.07)),
-            Part(Cylinder(-0.1, -0.14, 0.6, 1.1, 0.07)),
-            Part(Ellipsoid((-0.12, 0.0, 1.38), (0.22, 0.22, 0.3))),
-            Part(Ellipsoid((0.05, 0.0, 1.76), (head, head * 0.9, head)))]
-
-
-def bicyclist_parts(rng=None) -> list:
-    return bicycle_parts() + rider_parts(helmet=False)
-
-
-def motorcyclist_parts(rng=None) -> list:
-    return motorcycle_parts() + rider_parts(helmet=True)
-
-
-def building_parts(rng, length: float, depth: float) -> list:
-    height = rng.uniform(5.0, 20.0)
-    parts = [Part(Box((0.0, 0.0, height / 2), (length / 2, depth / 2, height / 2)))]
-    if rng.random() < 0.3:  # a set-back upper storey
-        top = rng.uniform(2.5, 5.0)
-        parts.append(Part(Box((0.0, 0.15 * depth, height + top / 2), (0.4 * length, 0.3 * depth, top / 2))))
-    return parts
-
-
-def tree_parts(rng) -> list:
-    trunk_top, crown_h = rng.uniform(1.8, 3.5), rng.uniform(1.5, 3.0)
-    crown_r = rng.uniform(1.3, 3.0)
-    return [Part(Cylinder(0.0, 0.0, 0.0, trunk_top + 0.5, rng.uniform(0.12, 0.3)), raw=TRUNK),
-            Part(Ellipsoid((0.0, 0.0, trunk_top + 0.8 * crown_h), (crown_r, crown_r * rng.uniform(0.8, 1.0), crown_h)),
-                 raw=VEGETATION)]
-
-
-def bush_parts(rng) -> list:
-    semi = (rng.uniform(0.6, 1.6), rng.uniform(0.5, 1.1), rng.uniform(0.4, 1.0))
-    return [Part(Ellipsoid((0.0, 0.0, 0.6 * semi[2]), semi))]
-
-
-def hedge_parts(rng) -> list:
-    length, height = rng.uniform(4.0, 15.0), rng.uniform(0.8, 1.6)
-    return [Part(Box((0.0, 0.0, height / 2), (length / 2, 0.4, height / 2)))]
-
-
-def pole_parts(rng) -> list:
-    """A street light: tall cylinder with an arm over the road (local +x)."""
-    height = rng.uniform(5.0, 9.0)
-    return [Part(Cylinder(0.0, 0.0, 0.0, height, rng.uniform(0.08, 0.14))),
-            Part(Box((0.9, 0.0, height - 0.1), (0.9, 0.05, 0.05)))]
-
-
-def sign_parts(rng) -> list:
-    """A sign post (pole) carrying a board facing local +x (traffic)."""
-    height = rng.uniform(2.0, 2.6)  # board centre; the field of view ends 2 degrees above the horizon
-    board = (Box((0.0, 0.0, height), (0.02, 0.33, 0.33)) if rng.random() < 0.5
-             else Ellipsoid((0.0, 0.0, height), (0.02, 0.36, 0.36)))
-    return [Part(Cylinder(0.0, 0.0, 0.0, height + 0.35, 0.045), raw=POLE), Part(board, raw=TRAFFIC_SIGN)]
-
-
-def fence_parts(rng, length: float) -> list:
-    height = rng.uniform(1.0, 2.0)
-    return [Part(Box((0.0, 0.0, height / 2), (length / 2, 0.03, height / 2)))]
-
-
+#: Things within this distance (m, along the street) of the ego at some scan count as seen.
+NEAR_DRIVE_M = 25.0
 VEHICLE_BUILDERS = {CAR: car_parts, TRUCK: truck_parts, BUS: bus_parts, OTHER_VEHICLE: other_vehicle_parts,
-                    MOTORCYCLIST: motorcyclist_parts, BICYCLIST: bicyclist_parts}
-
+                    MOTORCYCLIST: motorcyclist_parts, BICYCLIST: bicyclist_parts, MOTORCYCLE: motorcycle_parts}
 
 # --- ground layout --------------------------------------------------------------------------
 
@@ -317,13 +185,16 @@ class Segments:
         return [(float(a), float(b)) for a, b, c in zip(self.edges[:-1], self.edges[1:], self.class_ids) if c == raw]
 
 
-def random_segments(rng, x_lo, x_hi, main: int, alt: int, main_fraction: float, mean_len: float) -> Segments:
+def random_segments(rng, x_lo, x_hi, shares: dict, mean_len: float) -> Segments:
+    """Segments of random length around `mean_len`, each of a class drawn with `shares`."""
+    classes = list(shares)
+    p = np.array([shares[c] for c in classes], float)
     edges, ids, x = [x_lo], [], x_lo
     while x < x_hi:
-        is_main = rng.random() < main_fraction
+        kind = classes[rng.choice(len(classes), p=p / p.sum())]
         x = min(x + rng.uniform(0.5, 1.5) * mean_len, x_hi)
         edges.append(x)
-        ids.append(main if is_main else alt)
+        ids.append(kind)
     return Segments(np.asarray(edges), np.asarray(ids))
 
 
@@ -358,6 +229,7 @@ class GroundLayout:
         dashed = np.mod(x - self.dash_phase, DASH_PERIOD) < DASH_LENGTH
         raw[road & on_line & dashed] = LANE_MARKING
         return _GROUND_GID_OF_RAW[raw]
+
 
 
 # --- ego path ---------------------------------------------------------------------------------
@@ -408,6 +280,14 @@ def rot_z(a: float) -> np.ndarray:
 
 # --- packed primitives (what the ray caster consumes) ----------------------------------------
 
+#: Columns of each primitive kind in PackedPrimitives.
+KIND_COLUMNS = {"box": ("gid", "center", "half", "yaw", "pitch"),
+                "cylinder": ("gid", "xy", "z0", "z1", "radius"),
+                "ellipsoid": ("gid", "center", "semi", "yaw", "pitch"),
+                "ring": ("gid", "center", "radius", "inner", "half_width", "yaw")}
+_VECTOR_WIDTH = {"center": 3, "half": 3, "semi": 3, "xy": 2}
+
+
 @dataclass
 class PackedPrimitives:
     """Primitives of all objects as flat arrays, grouped by object, in object-local frames.
@@ -424,18 +304,20 @@ class PackedPrimitives:
     box: dict
     cylinder: dict
     ellipsoid: dict
+    ring: dict
     start: dict
     bound_center: np.ndarray  # (n_obj, 3) local centre of each object's bounding sphere
     bound_radius: np.ndarray  # (n_obj,)
+    bound_z: np.ndarray       # (n_obj, 2) lowest and highest local z of each object
 
 
 def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
-    raw = [float(r) for r in GROUND_IDS]
-    instance = [0] * len(GROUND_IDS)
-    albedo = [ALBEDO[r] for r in GROUND_IDS]
-    rows = {"box": [], "cylinder": [], "ellipsoid": []}
-    owners = {"box": [], "cylinder": [], "ellipsoid": []}
-    bound_center, bound_radius = [], []
+    raw = [float(r) for r in FIXED_IDS]
+    instance = [0] * len(FIXED_IDS)
+    albedo = [ALBEDO[r] for r in FIXED_IDS]
+    rows = {kind: [] for kind in KIND_COLUMNS}
+    owners = {kind: [] for kind in KIND_COLUMNS}
+    bound_center, bound_radius, bound_z = [], [], []
     for o, obj in enumerate(objects):
         for part in obj.parts:
             part_raw = part.raw if part.raw is not None else obj.raw
@@ -449,6 +331,7 @@ def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
         lo, hi = obj.local_bounds()
         bound_center.append((lo + hi) / 2)
         bound_radius.append(np.linalg.norm(hi - lo) / 2)
+        bound_z.append((lo[2], hi[2]))
     raw_arr = np.asarray(raw, dtype=np.uint32)
     n_obj = len(objects)
     start = {kind: np.searchsorted(np.asarray(owners[kind], dtype=np.int64), np.arange(n_obj + 1)) for kind in rows}
@@ -457,12 +340,11 @@ def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
         instance=np.asarray(instance, dtype=np.uint32),
         albedo=np.asarray(albedo),
         roughness=np.asarray([ROUGHNESS.get(_static_id(int(r)), 0.0) for r in raw_arr]),
-        box=_stack_rows(rows["box"], ("gid", "center", "half", "yaw")),
-        cylinder=_stack_rows(rows["cylinder"], ("gid", "xy", "z0", "z1", "radius")),
-        ellipsoid=_stack_rows(rows["ellipsoid"], ("gid", "center", "semi", "yaw")),
+        **{kind: _stack_rows(rows[kind], KIND_COLUMNS[kind]) for kind in KIND_COLUMNS},
         start=start,
         bound_center=np.asarray(bound_center).reshape(-1, 3),
         bound_radius=np.asarray(bound_radius),
+        bound_z=np.asarray(bound_z, dtype=float).reshape(-1, 2),
     )
 
 
@@ -475,10 +357,12 @@ def _static_id(raw: int) -> int:
 
 def _primitive_row(shape, gid: int) -> tuple[str, tuple]:
     if isinstance(shape, Box):
-        return "box", (gid, np.asarray(shape.center, float), np.asarray(shape.half, float), shape.yaw)
+        return "box", (gid, shape.center, shape.half, shape.yaw, shape.pitch)
     if isinstance(shape, Cylinder):
         return "cylinder", (gid, (shape.x, shape.y), shape.z0, shape.z1, shape.radius)
-    return "ellipsoid", (gid, np.asarray(shape.center, float), np.asarray(shape.semi, float), shape.yaw)
+    if isinstance(shape, Ring):
+        return "ring", (gid, shape.center, shape.radius, shape.inner, shape.half_width, shape.yaw)
+    return "ellipsoid", (gid, shape.center, shape.semi, shape.yaw, shape.pitch)
 
 
 def shape_bounds(shape) -> tuple[np.ndarray, np.ndarray]:
@@ -487,8 +371,15 @@ def shape_bounds(shape) -> tuple[np.ndarray, np.ndarray]:
         return (np.array([shape.x - shape.radius, shape.y - shape.radius, shape.z0]),
                 np.array([shape.x + shape.radius, shape.y + shape.radius, shape.z1]))
     center = np.asarray(shape.center, float)
-    ext = np.asarray(shape.half if isinstance(shape, Box) else shape.semi, float)
-    if shape.yaw:
+    if isinstance(shape, Ring):
+        ext = np.array([shape.radius, shape.half_width, shape.radius])
+        turned = bool(shape.yaw)
+    else:
+        ext = np.asarray(shape.half if isinstance(shape, Box) else shape.semi, float)
+        turned = bool(shape.yaw)
+        if shape.pitch:
+            ext = np.full(3, np.linalg.norm(ext))
+    if turned:
         r_xy = math.hypot(ext[0], ext[1])
         ext = np.array([r_xy, r_xy, ext[2]])
     return center - ext, center + ext
@@ -496,12 +387,14 @@ def shape_bounds(shape) -> tuple[np.ndarray, np.ndarray]:
 
 def _stack_rows(rows: list, names: tuple) -> dict:
     if not rows:
-        widths = {"center": 3, "half": 3, "semi": 3, "xy": 2}
-        return {n: (np.zeros((0, widths[n])) if n in widths else np.zeros(0, dtype=np.int64 if n == "gid" else float))
+        return {n: np.zeros((0, _VECTOR_WIDTH[n])) if n in _VECTOR_WIDTH else np.zeros(0, dtype=np.int64 if n == "gid" else float)
                 for n in names}
-    cols = list(zip(*rows))
-    out = {n: np.asarray(col, dtype=np.int64 if n == "gid" else float) for n, col in zip(names, cols)}
-    return out
+    return {n: np.asarray(col, dtype=np.int64 if n == "gid" else float) for n, col in zip(names, zip(*rows))}
+
+
+def half_length(parts) -> float:
+    """Half the x extent of an object in its local frame (for spacing vehicles)."""
+    return max(max(abs(lo[0]), abs(hi[0])) for lo, hi in (shape_bounds(p.shape) for p in parts))
 
 
 # --- the scene --------------------------------------------------------------------------------
@@ -540,6 +433,7 @@ class Scene:
         return self._obj_pos0 + self._obj_vel * t, self._obj_yaw
 
 
+
 def build_scene(config: SynthConfig, rng: np.random.Generator, frames: int) -> Scene:
     """A random street populated around the ego's drive over `frames` scans."""
     duration = config.frame_dt * max(frames - 1, 0)
@@ -548,10 +442,12 @@ def build_scene(config: SynthConfig, rng: np.random.Generator, frames: int) -> S
     if length < travel:
         raise SynthConfigError(f"street_length {length:.0f} m is shorter than the drive ({travel:.0f} m)")
     x_lo, x_hi = travel / 2 - length / 2, travel / 2 + length / 2
+    verge = {PARKING: config.parking_fraction, ROAD: (1 - config.parking_fraction) / 2,
+             TERRAIN: (1 - config.parking_fraction) / 2}
+    green = {TERRAIN: 1 - config.other_ground_fraction, OTHER_GROUND: config.other_ground_fraction}
     ground = GroundLayout(
-        parking=tuple(random_segments(rng, x_lo, x_hi, PARKING, ROAD, config.parking_fraction, 40.0) for _ in range(2)),
-        green=tuple(random_segments(rng, x_lo, x_hi, TERRAIN, OTHER_GROUND, 1 - config.other_ground_fraction, 25.0)
-                    for _ in range(2)),
+        parking=tuple(random_segments(rng, x_lo, x_hi, verge, 30.0) for _ in range(2)),
+        green=tuple(random_segments(rng, x_lo, x_hi, green, 25.0) for _ in range(2)),
         dash_phase=rng.uniform(0, DASH_PERIOD),
     )
     ego = EgoPath(speed=config.ego_speed, height=config.sensor_height, sway_amplitude=config.sway_amplitude,
@@ -575,12 +471,13 @@ class _Populator:
 
     def populate(self) -> list[SceneObject]:
         for side in (-1, 1):
-            self.buildings_and_fences(side)
+            self.property_line(side)
             self.green_strip(side)
             self.street_furniture(side)
             self.parked_vehicles(side)
             self.sidewalk_things(side)
         self.traffic()
+        self.ensure_hard_classes()
         return self.objects
 
     # -- helpers --
@@ -604,7 +501,7 @@ class _Populator:
         """Poisson-distributed x positions at least `min_gap` apart."""
         x_lo = self.x_lo if x_lo is None else x_lo
         x_hi = self.x_hi if x_hi is None else x_hi
-        n = self.rng.poisson(max(per_100m, 0.0) * (x_hi - x_lo) / 100.0)
+        n = self.rng.poisson(max(per_100m, 0.0) * max(x_hi - x_lo, 0.0) / 100.0)
         xs = np.sort(self.rng.uniform(x_lo, x_hi, n))
         kept = []
         for x in xs:
@@ -624,35 +521,54 @@ class _Populator:
         return self.rng.choice([0.0, math.pi]) + self.rng.normal(0, 0.1)
 
     # -- stuff --
-    def buildings_and_fences(self, side: int):
-        rng, x = self.rng, self.x_lo - 20
+    def property_line(self, side: int):
+        """Lots along the street: a facade right at the property line, or a hedge, fence or
+        wall (with driveway gaps) in front of a yard with bushes and trees and, on most lots,
+        a building set back behind it."""
+        rng, cfg, x = self.rng, self.cfg, self.x_lo - 20
+        line = GREEN_OUTER + 0.3
         while x < self.x_hi + 20:
-            length = rng.uniform(8.0, 35.0)
-            middle = x + length / 2
-            if rng.random() < self.cfg.building_fill:
-                depth, front = rng.uniform(8.0, 16.0), GREEN_OUTER + rng.uniform(0.0, 2.0)
-                self.add(BUILDING, building_parts(rng, length, depth), middle, side * (front + depth / 2), 0.0)
-            else:  # a yard: fence along the street, vegetation behind
-                self.add(FENCE, fence_parts(rng, length), middle, side * (GREEN_OUTER + 0.2), 0.0)
-                for tx in self.positions(15.0, 4.0, x + 1, x + length - 1):
-                    builder = tree_parts if rng.random() < 0.5 else bush_parts
-                    y = self.across(side, GREEN_OUTER + 2.0, GREEN_OUTER + 10.0)
-                    self.add(VEGETATION, builder(rng), tx, y, self.any_heading())
-            x += length + rng.uniform(1.0, 6.0)
+            length = rng.uniform(10.0, 30.0)
+            if rng.random() < cfg.facade_fraction:
+                depth = rng.uniform(8.0, 14.0)
+                self.add(BUILDING, building_parts(rng, length - rng.uniform(0.0, 2.0), depth), x + length / 2,
+                         side * (line + depth / 2), 0.0)
+                x += length
+                continue
+            gap = rng.uniform(3.0, 5.0) if rng.random() < 0.4 else 0.0  # driveway at the lot's start
+            a, b = x + gap, x + length
+            kind = rng.random()
+            if kind < cfg.hedge_fraction:
+                self.add(VEGETATION, hedge_parts(rng, b - a), (a + b) / 2, side * (line + 0.3), 0.0)
+            elif kind < cfg.hedge_fraction + (1 - cfg.hedge_fraction) * cfg.wall_fraction:
+                self.add(OTHER_STRUCTURE, wall_parts(rng, b - a), (a + b) / 2, side * (line + 0.2), 0.0)
+            else:
+                self.add(FENCE, fence_parts(rng, b - a), (a + b) / 2, side * line, 0.0)
+            if rng.random() < cfg.building_fill:
+                depth, front = rng.uniform(8.0, 14.0), line + rng.uniform(1.5, 5.0)
+                self.add(BUILDING, building_parts(rng, length * rng.uniform(0.7, 0.95), depth), x + length / 2,
+                         side * (front + depth / 2), 0.0)
+                yard = (line + 1.0, front - 0.5)
+            else:
+                yard = (line + 1.0, line + 12.0)
+            for tx in self.positions(cfg.yard_plants_per_100m, 2.5, x + 1, x + length - 1):
+                y = self.across(side, *yard) if yard[1] > yard[0] else side * yard[0]
+                builder = tree_parts if rng.random() < 0.35 else bush_parts
+                self.add(VEGETATION, builder(rng), tx, y, self.any_heading())
+            x += length
 
     def green_strip(self, side: int):
         rng, cfg = self.rng, self.cfg
         for x in self.positions(cfg.trees_per_100m, 5.0):
-            y = self.across(side, SIDEWALK_OUTER + 1.0, GREEN_OUTER - 1.0)
+            y = self.across(side, SIDEWALK_OUTER + 0.8, GREEN_OUTER - 0.8)
             self.add(VEGETATION, tree_parts(rng), x, y, self.any_heading())
         for x in self.positions(cfg.bushes_per_100m, 2.0):
             y = self.across(side, SIDEWALK_OUTER + 0.7, GREEN_OUTER - 0.5)
             self.add(VEGETATION, bush_parts(rng), x, y, self.any_heading())
-        for x in self.positions(cfg.hedges_per_100m, 16.0):
-            self.add(VEGETATION, hedge_parts(rng), x, side * (GREEN_OUTER - 0.6), 0.0)
 
     def street_furniture(self, side: int):
-        """Street lights with the arm over the road, and signs facing the traffic, at the curb."""
+        """Street lights with the arm over the road and signs facing the traffic at the curb;
+        bins, benches and bollards on the sidewalk's outer edge."""
         rng, cfg = self.rng, self.cfg
         for x in self.positions(cfg.poles_per_100m, 8.0):
             y = self.across(side, PARKING_OUTER + 0.25, PARKING_OUTER + 0.45)
@@ -660,50 +576,110 @@ class _Populator:
         for x in self.positions(cfg.signs_per_100m, 8.0):
             y = self.across(side, PARKING_OUTER + 0.3, PARKING_OUTER + 0.6)
             self.add(TRAFFIC_SIGN, sign_parts(rng), x, y, 0.0 if side < 0 else math.pi, albedo_scale=1.0)
+        for x in self.positions(cfg.clutter_per_100m, 2.0):
+            y = self.across(side, SIDEWALK_OUTER - 0.5, SIDEWALK_OUTER + 0.5)
+            self.add(OTHER_OBJECT, clutter_parts(rng), x, y, self.along())
+
+    def vehicle_kind(self, kinds_weights: dict) -> int:
+        kinds = list(kinds_weights)
+        w = np.array([kinds_weights[k] for k in kinds], float)
+        return kinds[self.rng.choice(len(kinds), p=w / w.sum())]
 
     def parked_vehicles(self, side: int):
         """Vehicles along the parking spans, motorcycles in some of the gaps."""
         rng, cfg = self.rng, self.cfg
-        kinds = [CAR, TRUCK, BUS, OTHER_VEHICLE]
-        weights = np.array([0.86, 0.05, 0.04, 0.05])
+        heavy = cfg.heavy_vehicle_share
+        # heavy vehicles park across the street only: beside the ego's lane each would pass
+        # within 3 m of the sensor and fill whole scans
+        mix = ({CAR: 1 - heavy / 4, TRUCK: heavy / 8, OTHER_VEHICLE: heavy / 8} if side > 0 else {CAR: 1.0})
         y_mid = side * (LANE_HALF_WIDTH + PARKING_OUTER) / 2
+        fill = cfg.parked_fill * (1.0 if side > 0 else 0.6)  # beside the ego's lane each fills many scans
         motorcycle_in_gap = min(1.0, cfg.parked_motorcycles_per_100m / 5)
         for a, b in self.ground.parking[0 if side < 0 else 1].spans(PARKING):
             x = a + rng.uniform(0.0, 3.0)
             while True:
-                kind = kinds[rng.choice(len(kinds), p=weights)]
+                kind = self.vehicle_kind(mix)
                 parts = VEHICLE_BUILDERS[kind](rng)
-                half_len = _half_length(parts)
-                if x + 2 * half_len > b:
+                half = half_length(parts)
+                if x + 2 * half > b:
                     break
-                if rng.random() < cfg.parked_fill:
+                if rng.random() < fill:
                     yaw = (0.0 if rng.random() < 0.7 else math.pi) + rng.normal(0, 0.03)
-                    self.add(kind, parts, x + half_len, y_mid + rng.normal(0, 0.1), yaw)
-                    x += 2 * half_len + rng.uniform(0.6, 2.5)
+                    self.add(kind, parts, x + half, y_mid + rng.normal(0, 0.1), yaw)
+                    x += 2 * half + rng.uniform(0.6, 2.5)
                 else:
                     if rng.random() < motorcycle_in_gap:
                         yaw = side * math.pi / 2 + rng.normal(0, 0.2)
-                        self.add(MOTORCYCLE, motorcycle_parts(), x + 1.0, y_mid, yaw)
+                        self.add(MOTORCYCLE, motorcycle_parts(rng), x + 1.0, y_mid, yaw)
                     x += rng.uniform(3.0, 6.0)
 
     def sidewalk_things(self, side: int):
-        """Parked two-wheelers near the green strip, people and waiting riders on the sidewalk."""
+        """Parked two-wheelers at the sidewalk's edge, people and waiting riders on it."""
         rng, cfg = self.rng, self.cfg
         for x in self.positions(cfg.parked_bicycles_per_100m, 1.5):
-            yaw = side * math.pi / 2 + rng.normal(0, 0.1) if rng.random() < 0.6 else self.along()
+            yaw = side * math.pi / 2 + rng.normal(0, 0.1) if rng.random() < 0.5 else self.along()
             y = self.across(side, SIDEWALK_OUTER - 0.9, SIDEWALK_OUTER - 0.4)
-            self.add(BICYCLE, bicycle_parts(), x, y, yaw)
+            self.add(BICYCLE, bicycle_parts(rng), x, y, yaw)
         for x in self.positions(cfg.parked_motorcycles_per_100m * 0.5, 2.5):
-            self.add(MOTORCYCLE, motorcycle_parts(), x, side * (SIDEWALK_OUTER - 0.8), self.along())
+            self.add(MOTORCYCLE, motorcycle_parts(rng), x, side * (SIDEWALK_OUTER - 0.8), self.along())
         for x in self.positions(cfg.standing_persons_per_100m, 1.0):
-            y = self.across(side, PARKING_OUTER + 0.8, SIDEWALK_OUTER - 0.3)
+            y = self.across(side, PARKING_OUTER + 0.6, SIDEWALK_OUTER - 0.3)
             self.add(PERSON, person_parts(rng), x, y, self.any_heading())
         for x in self.positions(cfg.waiting_bicyclists_per_100m, 3.0):
-            y = self.across(side, PARKING_OUTER + 0.9, PARKING_OUTER + 1.4)
-            self.add(BICYCLIST, bicyclist_parts(), x, y, self.along())
+            y = self.across(side, PARKING_OUTER + 0.7, PARKING_OUTER + 1.2)
+            self.add(BICYCLIST, bicyclist_parts(rng), x, y, self.along())
         for x in self.positions(cfg.waiting_motorcyclists_per_100m, 3.0):
-            y = self.across(side, PARKING_OUTER + 1.0, PARKING_OUTER + 1.5)
-            self.add(MOTORCYCLIST, motorcyclist_parts(), x, y, self.along())
+            y = self.across(side, LANE_HALF_WIDTH + 0.6, LANE_HALF_WIDTH + 1.2)
+            self.add(MOTORCYCLIST, motorcyclist_parts(rng), x, y, self.along())
+
+    def ensure_hard_classes(self):
+        """Every hard class at least once near the drive: short drives of a rare class would
+        otherwise often have none, and a split without a class cannot score it. A missing class
+        gets one static instance at a free spot (parked, standing or waiting) along the drive,
+        a missing heavy vehicle one parked across the street ahead of it."""
+        rng, travel = self.rng, self.cfg.ego_speed * self.duration
+        near = self.classes_near_drive(NEAR_DRIVE_M)
+        for raw, (builder, inner, outer) in GUARANTEED.items():
+            if raw in near:
+                continue
+            parts = builder(rng)
+            half = half_length(parts)
+            for _ in range(50):
+                if raw in (TRUCK, OTHER_VEHICLE):  # ahead, in view at 35-60 m+ (one near would fill scans)
+                    x = travel + rng.uniform(35.0, 60.0)
+                else:
+                    x = rng.uniform(-NEAR_DRIVE_M / 2, travel + NEAR_DRIVE_M / 2)
+                side = 1 if raw in (TRUCK, OTHER_VEHICLE) or rng.random() < 0.6 else -1
+                y = self.across(side, inner, outer)
+                if self.free(x, y, half):
+                    self.add(raw, parts, x, y, self.along())
+                    break
+
+    def classes_near_drive(self, distance: float) -> set:
+        """Static raw ids of the things that come within `distance` (along the street) of the
+        ego at some scan."""
+        times = np.linspace(0.0, self.duration, max(int(self.duration / self.cfg.frame_dt) + 1, 1))
+        ego_x = self.cfg.ego_speed * times
+        found = set()
+        for obj in self.objects:
+            if obj.instance:
+                x = obj.position[0] + obj.velocity[0] * times
+                if np.min(np.abs(x - ego_x)) < distance:
+                    found.add(_static_id(obj.raw))
+        return found
+
+    def free(self, x: float, y: float, half: float) -> bool:
+        """No object of street size (parked and standing things, furniture, bushes; not the
+        buildings, fences and hedges beyond the property line) within `half` + 0.5 m of (x, y)
+        at t = 0, by bounding radius."""
+        for obj in self.objects:
+            lo, hi = obj.local_bounds()
+            radius = float(np.hypot(*(hi - lo)[:2])) / 2
+            if radius > 7.0:
+                continue
+            if abs(obj.position[0] - x) < radius + half + 0.5 and abs(obj.position[1] - y) < radius + 0.5:
+                return False
+        return True
 
     # -- moving things --
     def spawn_range(self, speed: float) -> tuple[float, float]:
@@ -712,51 +688,53 @@ class _Populator:
         return self.x_lo - max(shift, 0.0), self.x_hi - min(shift, 0.0)
 
     def traffic(self):
+        """Cars, heavy vehicles and motorcyclists in the oncoming lane, cars in the ego's lane
+        at the ego's speed (so they never reach it), cyclists at the lanes' edges at 3-7 m/s,
+        pedestrians walking the sidewalks at 0.8-1.8 m/s."""
         rng, cfg = self.rng, self.cfg
-        kinds = [CAR, TRUCK, BUS, OTHER_VEHICLE, MOTORCYCLIST]
-        weights = np.array([0.78, 0.07, 0.04, 0.04, 0.07])
-        # the ego's lane moves at the ego's speed (following traffic), so it never reaches the ego
+        heavy, moto = cfg.heavy_vehicle_share, cfg.motorcyclist_share
+        mix = {CAR: 1 - heavy - moto, TRUCK: heavy * 0.5, BUS: heavy * 0.2, OTHER_VEHICLE: heavy * 0.3,
+               MOTORCYCLIST: moto}
         density = cfg.vehicles_per_100m_per_lane
-        self.lane(EGO_LANE_Y, cfg.ego_speed, density, kinds, weights, gap=6.0, keep_clear=True)
-        self.lane(ONCOMING_LANE_Y, -rng.uniform(6.0, 13.0), density, kinds, weights, gap=6.0)
-        riders = np.array([1 - cfg.motorcyclist_share, cfg.motorcyclist_share])
-        for lane_y, direction in BIKE_LANES:
-            speed = direction * rng.uniform(3.0, 6.0)
-            self.lane(lane_y, speed, cfg.riders_per_100m_per_lane, [BICYCLIST, MOTORCYCLIST], riders, gap=3.0)
+        # the ego's lane keeps pace with the ego: what drives there stays in view for the whole
+        # drive, so it holds cars only (a truck ahead would fill every scan)
+        self.lane(EGO_LANE_Y, cfg.ego_speed, density, {CAR: 1.0}, gap=6.0, keep_clear=True)
+        self.lane(ONCOMING_LANE_Y, -rng.uniform(6.0, 13.0), density, mix, gap=6.0)
+        for lane_y, direction, factor in RIDER_LINES:
+            speed = direction * rng.uniform(3.0, 7.0)
+            self.lane(lane_y, speed, cfg.riders_per_100m_per_lane * factor, {BICYCLIST: 1.0}, gap=3.0)
         for side in (-1, 1):
             for _ in range(rng.poisson(cfg.walking_persons_per_100m * (self.x_hi - self.x_lo) / 100)):
-                speed = rng.choice([-1.0, 1.0]) * rng.uniform(0.8, 1.6)
+                speed = rng.choice([-1.0, 1.0]) * rng.uniform(0.8, 1.8)
                 a, b = self.spawn_range(speed)
                 velocity = (speed, rng.uniform(-0.03, 0.03))
-                y = self.across(side, PARKING_OUTER + 1.0, SIDEWALK_OUTER - 0.5)
+                y = self.across(side, PARKING_OUTER + 0.8, SIDEWALK_OUTER - 0.5)
                 heading = math.atan2(velocity[1], velocity[0])
-                self.add(PERSON, person_parts(rng), rng.uniform(a, b), y, heading, velocity)
+                self.add(PERSON, person_parts(rng, walking=True), rng.uniform(a, b), y, heading, velocity)
 
-    def lane(self, lane_y, speed, per_100m, kinds, weights, gap, keep_clear=False):
+    def lane(self, lane_y, speed, per_100m, mix: dict, gap, keep_clear=False):
         """One lane of traffic at a common speed, so its vehicles never overlap (nor, with
         `keep_clear`, come near the ego, which starts at x = 0)."""
         a, b = self.spawn_range(speed)
         heading = 0.0 if speed > 0 else math.pi
         prev_front = -math.inf  # largest x reached by the previous vehicle in the lane
         for x in self.positions(per_100m, 0.0, a, b):
-            kind = kinds[self.rng.choice(len(kinds), p=weights / weights.sum())]
+            kind = self.vehicle_kind(mix)
             parts = VEHICLE_BUILDERS[kind](self.rng)
-            half = _half_length(parts)
+            half = half_length(parts)
             if x - half - prev_front < gap or (keep_clear and abs(x) < half + EGO_CLEARANCE):
                 continue
             self.add(kind, parts, x, lane_y + self.rng.normal(0, 0.1), heading, (speed, 0.0))
             prev_front = x + half
 
 
-def _half_length(parts) -> float:
-    """Half the x extent of a vehicle in its local frame."""
-    ends = []
-    for p in parts:
-        s = p.shape
-        if isinstance(s, Box):
-            ends += [abs(s.center[0]) + s.half[0]]
-        elif isinstance(s, Ellipsoid):
-            ends += [abs(s.center[0]) + s.semi[0]]
-        else:
-            ends += [abs(s.x) + s.radius]
-    return max(ends)
+#: Where a missing hard class is placed: builder and lateral band (|y|, m).
+GUARANTEED = {
+    BICYCLE: (bicycle_parts, SIDEWALK_OUTER - 0.9, SIDEWALK_OUTER - 0.4),
+    MOTORCYCLE: (motorcycle_parts, SIDEWALK_OUTER - 0.9, SIDEWALK_OUTER - 0.5),
+    PERSON: (person_parts, PARKING_OUTER + 0.6, SIDEWALK_OUTER - 0.3),
+    BICYCLIST: (bicyclist_parts, PARKING_OUTER + 0.7, PARKING_OUTER + 1.2),
+    MOTORCYCLIST: (motorcyclist_parts, LANE_HALF_WIDTH + 0.6, LANE_HALF_WIDTH + 1.2),
+    TRUCK: (truck_parts, LANE_HALF_WIDTH + 1.0, LANE_HALF_WIDTH + 1.2),
+    OTHER_VEHICLE: (other_vehicle_parts, LANE_HALF_WIDTH + 1.0, LANE_HALF_WIDTH + 1.2),
+}
