@@ -104,7 +104,8 @@ class ScanDataset(Dataset):
         }
         if self.with_cache:
             cache = self._reader(self.run.teacher_cache / self._shard[i])
-            sample["teacher_logits"] = decode_logits(cache.read(int(self._index[i])), self.spec.num_classes)
+            sample["teacher_logits"] = decode_logits(cache.read(int(self._index[i])), self.spec.num_classes,
+                                                     cache.attrs["logit_encoding"], cache.attrs["temperature"])
             hard = cache.read(int(self._index[i]), rowset="hard")
             sample["teacher_feats"] = decode_features(hard)
             sample["teacher_feat_index"] = hard["point_index"].astype(np.int64)
