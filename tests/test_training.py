@@ -42,9 +42,10 @@ def test_cached_targets_equal_a_fresh_teacher_forward(teacher_run):
     points = shard.read(int(row["shard_index"]))["points"]
     logits, feats = teacher_outputs(model, points, ckpt["config"]["voxel_size"], "dec4", "cpu")
     n = int(row["n_single"])
-    stored = decode_logits(cached.read(int(row["shard_index"])), 20)
+    stored = decode_logits(cached.read(int(row["shard_index"])), 20, "fp16")
     assert stored.shape == (n, 20)
-    np.testing.assert_allclose(stored, logits[:n], rtol=2e-3, atol=2e-3)
+    relative = logits[:n] - logits[:n].max(axis=1, keepdims=True)  # what fp16 stores: the softmax is the same
+    np.testing.assert_allclose(stored, relative, rtol=2e-3, atol=2e-3)
     hard = cached.read(int(row["shard_index"]), rowset="hard")
     assert len(hard["point_index"]) > 0
     np.testing.assert_allclose(decode_features(hard), feats[hard["point_index"]], rtol=2e-3, atol=2e-3)
