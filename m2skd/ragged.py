@@ -4,10 +4,13 @@ zarr-python 3 has no native ragged type, so a group holds, per field, the concat
 all scans' rows, and `offsets[i]:offsets[i+1]` selects scan i. A group is written whole by
 one writer into a temporary directory and renamed into place (m2skd.atomic), so a reader never
 sees a half-written group and a killed writer leaves only a temporary that a later run sweeps.
-The group records the size, modification stamp and hash of every chunk file it holds: opening
-it checks the sizes (a truncated chunk is reported by name, before a decompressor sees it), and
+The group records the size and CRC-32 of every chunk file it holds, and the writer sets every
+chunk file's modification time to one fixed stamp (CHUNK_MTIME): opening a group checks the
+sizes (a truncated chunk is reported by name, before a decompressor sees it), and
 `group_is_current` decides in O(files), reading no chunk data, whether a re-run may keep it:
-sizes and stamps as recorded, hashes checked only where a stamp differs (or on request).
+sizes as recorded and the fixed stamp; a chunk whose stamp differs (written to since, or copied
+without its times) is hashed, and `verify` hashes all. A fixed stamp rather than a recorded
+one keeps the metadata identical from run to run (same inputs, same bits).
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ from zarr.codecs import BloscCodec
 from .atomic import atomic_path, is_temporary
 from .errors import DataError
 
-SCHEMA_VERSION = 3  # 2: chunk sizes and hashes in the attributes; 3: and their modification stamps
+SCHEMA_VERSION = 3  # 2: chunk sizes and hashes in the attributes; 3: CRC-32, chunk files stamped CHUNK_MTIME
+#: modification time of every chunk file as written (2000-01-01, whole seconds: kept by every
+#: file system and by copies that keep times); anything that writes a chunk later changes it
+CHUNK_MTIME = 946_684_800 * 10**9
 ROWS_PER_CHUNK = 1 << 18  # ~262k rows: one scan spans one or two chunks
 
 
@@ -86,21 +92,21 @@ def _hash(path: Path) -> str:
 
 
 def chunk_files(group_dir) -> dict[str, list]:
-    """{relative path: [size, crc32, mtime_ns]} of every chunk file under a group."""
+    """{relative path: [size, crc32]} of every chunk file under a group, each stamped CHUNK_MTIME."""
     group_dir = Path(group_dir)
     out = {}
     for f in sorted(group_dir.rglob("*")):
         rel = f.relative_to(group_dir).as_posix()
         if f.is_file() and _is_chunk(rel):
-            size, stamp = file_stamp(f)
-            out[rel] = [size, _hash(f), stamp]
+            out[rel] = [f.stat().st_size, _hash(f)]
+            os.utime(f, ns=(CHUNK_MTIME, CHUNK_MTIME))
     return out
 
 
 def _check_chunks(path: Path, recorded: dict, hashes: bool | None) -> None:
     """Sizes always; hashes of every chunk (True), of none (False), or of those whose stamp
     differs from the recorded one (None)."""
-    for rel, (size, digest, stamp) in recorded.items():
+    for rel, (size, digest) in recorded.items():
         f = path / rel
         try:
             st = f.stat()
@@ -108,7 +114,7 @@ def _check_chunks(path: Path, recorded: dict, hashes: bool | None) -> None:
             raise DataError(path, f"chunk {rel} is missing: re-run the stage that writes it") from None
         if st.st_size != size:
             raise DataError(path, f"chunk {rel} has {st.st_size} bytes, {size} written (truncated or damaged): re-run the stage that writes it")
-        check = hashes if hashes is not None else st.st_mtime_ns != stamp
+        check = hashes if hashes is not None else st.st_mtime_ns != CHUNK_MTIME
         if check and _hash(f) != digest:
             raise DataError(path, f"chunk {rel} content differs from what was written (damaged): re-run the stage that writes it")
 
