@@ -108,10 +108,10 @@ def encode_logits(logits: np.ndarray, encoding: str, temperature: float = 1.0 / 
     return {"logit_values": clip(vals), "logit_classes": idx.astype(np.uint8), "logit_rest": clip(lse_rest)}
 
 
-def decode_logits(arrays: dict[str, np.ndarray], num_classes: int, encoding: str = "fp32",
-                  temperature: float = 1.0 / 0.3) -> np.ndarray:
+def decode_logits(arrays: dict[str, np.ndarray], num_classes: int, encoding: str, temperature: float) -> np.ndarray:
     """fp32 (n, C) logits up to a per-point shift: softmax(decoded / T) is the stored target.
-    `encoding` and `temperature` are the cache's (its attributes record both)."""
+    `encoding` and `temperature` are the cache's (its attributes record both; stored_logits
+    reads them)."""
     if "logits" in arrays:
         return np.asarray(arrays["logits"], dtype=np.float32)
     if "logit_codes" in arrays:
@@ -132,6 +132,12 @@ def decode_logits(arrays: dict[str, np.ndarray], num_classes: int, encoding: str
     out = np.repeat(fill[:, None], num_classes, axis=1)
     np.put_along_axis(out, idx, vals.astype(np.float32), axis=1)
     return out
+
+
+def stored_logits(cache, index: int, num_classes: int) -> np.ndarray:
+    """Scan `index`'s decoded logits from a cache group (a RaggedReader: its attributes name the
+    encoding and temperature the codes were made with)."""
+    return decode_logits(cache.read(index), num_classes, cache.attrs["logit_encoding"], cache.attrs["temperature"])
 
 
 def encode_features(features: np.ndarray, encoding: str) -> dict[str, np.ndarray]:

@@ -118,7 +118,7 @@ def test_cache_feature_layer_must_match_the_student(chain, tmp_path):
 def stored_vs_exact_kl(run, teacher_path) -> np.ndarray:
     """KL at T, per single-scan point of every cached scan, of the stored targets against the
     teacher's fp32 outputs recomputed now."""
-    from m2skd.teacher_cache import decode_logits, kl_per_point
+    from m2skd.teacher_cache import kl_per_point, stored_logits
     from pipeline.cache_teacher import teacher_outputs
 
     model, ckpt = load_checkpoint(teacher_path, "torch", "cpu")
@@ -129,8 +129,7 @@ def stored_vs_exact_kl(run, teacher_path) -> np.ndarray:
         data = RaggedReader(RunDir(run).prepare / row["shard"]).read(int(row["shard_index"]))
         logits, _ = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], "dec4", "cpu")
         cache = RaggedReader(RunDir(run).teacher_cache / row["shard"])
-        stored = decode_logits(cache.read(int(row["shard_index"])), SPEC.num_classes, cache.attrs["logit_encoding"],
-                               cache.attrs["temperature"])
+        stored = stored_logits(cache, int(row["shard_index"]), SPEC.num_classes)
         out.append(kl_per_point(logits[: int(row["n_single"])], stored, TINY.temperature))
     return np.concatenate(out)
 

@@ -12,7 +12,7 @@ from m2skd.manifest import read_manifest
 from m2skd.metrics import confusion_matrix, summarize
 from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
-from m2skd.teacher_cache import decode_features, decode_logits
+from m2skd.teacher_cache import decode_features, stored_logits
 from m2skd.train_config import TrainConfig
 from m2skd.trainer import load_checkpoint, spec_for_run, train
 from m2skd.transforms import AugmentConfig
@@ -42,7 +42,7 @@ def test_cached_targets_equal_a_fresh_teacher_forward(teacher_run):
     points = shard.read(int(row["shard_index"]))["points"]
     logits, feats = teacher_outputs(model, points, ckpt["config"]["voxel_size"], "dec4", "cpu")
     n = int(row["n_single"])
-    stored = decode_logits(cached.read(int(row["shard_index"])), 20, "fp16")
+    stored = stored_logits(cached, int(row["shard_index"]), 20)
     assert stored.shape == (n, 20)
     relative = logits[:n] - logits[:n].max(axis=1, keepdims=True)  # what fp16 stores: the softmax is the same
     np.testing.assert_allclose(stored, relative, rtol=2e-3, atol=2e-3)
