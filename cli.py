@@ -7,6 +7,7 @@ import sys
 import click
 
 from m2skd.errors import M2SKDError
+from m2skd.teacher_cache import DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, FEATURE_ENCODINGS, LOGIT_ENCODINGS
 
 
 def friendly_errors(fn):
@@ -174,8 +175,10 @@ def stats(data, sequences, jobs, shapes, json_out):
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Parallel workers (joblib/loky).")
 @click.option("--dask-scheduler", default=None, help="Run shard jobs on this Dask cluster instead.")
 @click.option("--overwrite", is_flag=True, help="Rewrite every shard even if done.")
+@click.option("--verify", is_flag=True, help="Hash every chunk of the existing output (else only where a size or stamp differs).")
 @friendly_errors
-def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, frames_per_shard, moving_threshold, dataset, jobs, dask_scheduler, overwrite):
+def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, frames_per_shard, moving_threshold, dataset, jobs, dask_scheduler, overwrite,
+            verify):
     """Align poses and fuse hard-class instances into Zarr shards + a Parquet manifest."""
     import time
 
@@ -187,7 +190,7 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
     progress = Progress("prepare")
     t0 = time.perf_counter()
     summary = run_prepare(data, run_dir, cfg, jobs=jobs, splits=csv_list(splits), sequences=csv_list(sequences),
-                          overwrite=overwrite, progress=progress, dask_scheduler=dask_scheduler)
+                          overwrite=overwrite, progress=progress, dask_scheduler=dask_scheduler, verify=verify)
     progress.close()
     elapsed = time.perf_counter() - t0
     summary["seconds"] = elapsed
@@ -262,8 +265,10 @@ def train_student(no_distill, **kwargs):
 @main.command("cache-teacher")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--teacher", default=None, help="Teacher checkpoint (default RUN_DIR/teacher/model.pt).")
-@click.option("--logit-encoding", type=click.Choice(["fp32", "fp16", "top2", "top4", "top8"]), default="fp16", show_default=True)
-@click.option("--feature-encoding", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--logit-encoding", type=click.Choice(LOGIT_ENCODINGS), default=DEFAULT_LOGIT_ENCODING, show_default=True,
+              help="sqB: sqrt of the probabilities at T on 2^B-1 levels; topK: K largest logits; fp16/fp32: logits "
+                   "relative to the point's maximum (m2skd/teacher_cache.py).")
+@click.option("--feature-encoding", type=click.Choice(FEATURE_ENCODINGS), default=DEFAULT_FEATURE_ENCODING, show_default=True)
 @click.option("--splits", default="train", show_default=True)
 @click.option("--feature-layer", type=click.Choice(["dec1", "dec2", "dec3", "dec4"]), default="dec4", show_default=True,
               help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer).")
@@ -273,9 +278,10 @@ def train_student(no_distill, **kwargs):
 @click.option("--threads-per-job", default=None, type=click.IntRange(min=1), help="torch threads per job (default: cores / jobs).")
 @click.option("--dask-scheduler", default=None)
 @click.option("--overwrite", is_flag=True)
+@click.option("--verify", is_flag=True, help="Hash every chunk of the existing output (else only where a size or stamp differs).")
 @friendly_errors
 def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, feature_layer, backend, device, jobs, threads_per_job,
-                  dask_scheduler, overwrite):
+                  dask_scheduler, overwrite, verify):
     """Run the teacher once over the fused shards; store its targets at the single-scan points."""
     import os
 
@@ -285,7 +291,8 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
     cfg = CacheConfig(logit_encoding, feature_encoding, feature_layer, csv_list(splits), backend, device, threads)
     announce_backend(backend)
     bar = Progress("cache-teacher")
-    summary = run_cache(run_dir, teacher, cfg, jobs=jobs, overwrite=overwrite, progress=bar, dask_scheduler=dask_scheduler)
+    summary = run_cache(run_dir, teacher, cfg, jobs=jobs, overwrite=overwrite, progress=bar, dask_scheduler=dask_scheduler,
+                        verify=verify)
     bar.close()
     echo_summary(f"cached teacher targets in {run_dir}/teacher_cache", summary)
 

@@ -19,7 +19,7 @@ from .errors import StaleInputError
 from .manifest import read_manifest
 from .ragged import RaggedReader
 from .rundir import RunDir
-from .teacher_cache import decode_features, decode_logits
+from .teacher_cache import decode_features, stored_logits
 from .transforms import AugmentConfig, augment_xyz, voxel_coords
 
 INPUT_KINDS = ("single", "fused")
@@ -104,7 +104,7 @@ class ScanDataset(Dataset):
         }
         if self.with_cache:
             cache = self._reader(self.run.teacher_cache / self._shard[i])
-            sample["teacher_logits"] = decode_logits(cache.read(int(self._index[i])), self.spec.num_classes)
+            sample["teacher_logits"] = stored_logits(cache, int(self._index[i]), self.spec.num_classes)
             hard = cache.read(int(self._index[i]), rowset="hard")
             sample["teacher_feats"] = decode_features(hard)
             sample["teacher_feat_index"] = hard["point_index"].astype(np.int64)

@@ -57,6 +57,18 @@ class Frame:
     def instance(self) -> np.ndarray:
         return (self.raw_label >> 16).astype(np.int64)
 
+    def hard_instance_points(self, hard_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, instance keys) of the points of hard-class instances, ascending. Computed
+        once per frame: a frame serves as "previous" for k scans, and scanning all its points
+        each time was most of fusion's cost."""
+        cached = getattr(self, "_hard", None)
+        if cached is None or cached[0] is not hard_mask:
+            instance = self.raw_label >> 16
+            idx = np.flatnonzero(hard_mask[self.train] & (instance > 0))
+            cached = (hard_mask, idx, instance_keys(self.train[idx], instance[idx]))
+            self._hard = cached
+        return cached[1], cached[2]
+
 
 @dataclass
 class Fused:
@@ -101,9 +113,9 @@ def fuse(current: Frame, previous: list[tuple[int, Frame]], hard_mask: np.ndarra
 
 
 def _current_instances(current: Frame, hard_mask: np.ndarray):
-    inst = current.instance
-    hard = hard_mask[current.train] & (inst > 0)
-    keys, inverse, counts = np.unique(instance_keys(current.train[hard], inst[hard]), return_inverse=True, return_counts=True)
+    """(keys, inverse, counts, indices) of the current scan's hard-class instance points."""
+    hard, point_keys = current.hard_instance_points(hard_mask)
+    keys, inverse, counts = np.unique(point_keys, return_inverse=True, return_counts=True)
     return keys, inverse, counts, hard
 
 
@@ -156,14 +168,15 @@ def _fuse_hard(current: Frame, previous, hard_mask, moving_lut, cfg: FusionConfi
     for k, frame in previous:
         if frame.raw_label is None:
             continue
-        fk = instance_keys(frame.train, frame.instance)
+        idx, fk = frame.hard_instance_points(hard_mask)
         pos = np.searchsorted(keys, fk).clip(0, len(keys) - 1)
-        sel = (keys[pos] == fk) & (frame.instance > 0)
+        sel = keys[pos] == fk
         if not sel.any():
             continue
-        pts.append(_to_frame(frame.points[sel], inv_cur @ frame.pose))
-        lab.append(frame.raw_label[sel])
-        src.append(np.full(int(sel.sum()), k, np.uint8))
+        chosen = idx[sel]
+        pts.append(_to_frame(frame.points[chosen], inv_cur @ frame.pose))
+        lab.append(frame.raw_label[chosen])
+        src.append(np.full(len(chosen), k, np.uint8))
         grp.append(pos[sel] * (cfg.k + 1) + k)  # group = (instance, source scan)
     if not pts:
         out = _empty(len(keys))

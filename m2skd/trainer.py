@@ -27,6 +27,7 @@ from .metrics import summarize
 from .models import build_model, resolve_backend
 from .atomic import atomic_path, read_json, sweep_temporaries, write_json_atomic
 from .rundir import RunDir
+from .teacher_cache import CACHE_FORMAT
 from .train_config import ConfigError, TrainConfig
 from .transforms import AugmentConfig
 
@@ -210,6 +211,9 @@ def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str
         raise StaleInputError(f"{record_path}: no teacher cache; run `m2skd cache-teacher {run.root}` first")
     record = read_json(record_path)
     rerun = f"re-run `m2skd cache-teacher {run.root} --overwrite`"
+    if record.get("cache_format") != CACHE_FORMAT:
+        raise StaleInputError(f"{record_path}: stored in cache format {record.get('cache_format')}, this version reads "
+                              f"{CACHE_FORMAT}; {rerun}")
     if record.get("manifest_fingerprint") != manifest_fingerprint:
         raise StaleInputError(f"{record_path}: made from other prepared shards (manifest {record.get('manifest_fingerprint')} "
                               f"!= {manifest_fingerprint}); {rerun}")

@@ -32,12 +32,13 @@ from m2skd.atomic import write_json_atomic
 from m2skd.ragged import write_ragged
 from m2skd.rundir import RunDir
 from m2skd.synth import SynthConfig, generate_dataset
-from m2skd.teacher_cache import FEATURE_ENCODINGS, LOGIT_ENCODINGS, decode_features, decode_logits, encode_features, encode_logits, kl_error
+from m2skd.teacher_cache import (DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, FEATURE_ENCODINGS, LOGIT_ENCODINGS,
+                                 decode_features, decode_logits, encode_features, encode_logits, kl_per_point)
 from m2skd.train_config import load_config
 from m2skd.trainer import load_checkpoint, save_atomic, spec_for_run, train, training_step
 from m2skd.transforms import AugmentConfig
 
-from .cache_teacher import CacheConfig, run_cache, teacher_outputs
+from .cache_teacher import CACHE_COMPRESSION, CacheConfig, run_cache, teacher_outputs
 from .evaluate import run_eval
 from .prepare import PrepareConfig, run_prepare
 
@@ -45,6 +46,9 @@ BUDGETS = {
     "distilled_vs_baseline_step": ("<=", 1.15),
     "online_vs_baseline_step": (">=", 1.8),
     "prepare_vs_io_rate": (">=", 0.5),
+    "prepare_vs_io_rate_1job": (">=", 0.3),
+    "cache_bytes_per_point": ("<=", 6.0),
+    "cache_kl_nats": ("<=", 1e-3),
     "torch_vs_minkowski_backbone": ("<=", 2.0),
     "torch_vs_minkowski_conv_cpu": ("<=", 0.6),
 }
@@ -103,24 +107,40 @@ def io_only_rate(data: Path, sequences, out_bytes: int, scratch: Path) -> float:
 
 
 def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
-    rates = {}
+    """Prepare's rate at 1 job and at all cores against the I/O-only rate, and a re-run on the
+    finished output: plain (sizes and stamps) and with verify (every chunk hashed)."""
+    rates, cpu = {}, {}
+    cfg = PrepareConfig(FusionConfig(k=4), frames_per_shard=8)
     for jobs in sorted({1, cores}):
         run = work / f"prep_j{jobs}"
         shutil.rmtree(run, ignore_errors=True)
-        t0 = time.perf_counter()
-        summary = run_prepare(data, run, PrepareConfig(FusionConfig(k=4), frames_per_shard=8), jobs=jobs, sequences=sequences)
+        c0, t0 = time.process_time(), time.perf_counter()
+        summary = run_prepare(data, run, cfg, jobs=jobs, sequences=sequences)
         rates[jobs] = summary["scans"] / (time.perf_counter() - t0)
+        cpu[jobs] = (time.process_time() - c0) / summary["scans"]
+    rerun = timed(lambda: run_prepare(data, run, cfg, jobs=1, sequences=sequences), 2, warmup=0)
+    rerun_verify = timed(lambda: run_prepare(data, run, cfg, jobs=1, sequences=sequences, verify=True), 1, warmup=0)
     io = io_only_rate(data, sequences, summary["shard_bytes"], work)
     return {"scans_per_s_1job": rates[1], "scans_per_s_all": rates[cores], "jobs_all": cores, "io_only_scans_per_s": io,
-            "prepare_vs_io_rate": rates[cores] / io, "bytes_per_single_point": summary["bytes_per_single_point"],
+            "prepare_vs_io_rate": rates[cores] / io, "prepare_vs_io_rate_1job": rates[1] / io,
+            "cpu_ms_per_scan_1job": 1000 * cpu[1], "rerun_finished_s": rerun, "rerun_verify_s": rerun_verify,
+            "bytes_per_single_point": summary["bytes_per_single_point"],
             "median_points_per_hard_instance_single": summary["median_points_per_hard_instance_single"],
             "median_points_per_hard_instance_fused": summary["median_points_per_hard_instance_fused"], "run": str(run)}
 
 
 # --- teacher cache encodings --------------------------------------------------------------
 
-def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float) -> list[dict]:
-    """Bytes per single-scan point (compressed, as stored) and KL(exact || stored) per encoding."""
+#: SemanticKITTI's train set, for the projected cache size: 19,130 scans of ~124k points, 0.5%
+#: of them on hard-class instances (DESIGN.md sections 3 and 6)
+KITTI_TRAIN_POINTS = 19_130 * 124_000
+KITTI_HARD_FRACTION = 0.005
+
+
+def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float, split: str = "train") -> list[dict]:
+    """Bytes per single-scan point on disk (compressed as the cache stores them) and KL(exact ||
+    stored) at T, mean and max over points, for every logit encoding; features per encoding;
+    and the default pair's total, also projected to SemanticKITTI's train set."""
     from m2skd.manifest import read_manifest
     from m2skd.ragged import RaggedReader
 
@@ -128,7 +148,7 @@ def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float
     model, ckpt = load_checkpoint(teacher_ckpt, "torch")
     model.eval()
     df, _ = read_manifest(RunDir(run).manifest)
-    rows = df[df["split"] == "train"].head(scans)
+    rows = df[df["split"] == split].head(scans)
     logits, feats = [], []
     for _, row in rows.iterrows():
         data = RaggedReader(RunDir(run).prepare / row["shard"]).read(int(row["shard_index"]))
@@ -139,31 +159,43 @@ def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float
         logits.append(lg[:n])
         feats.append(ft[:n][hard])
     n_points = sum(len(x) for x in logits)
-    out = []
+    n_hard = sum(len(x) for x in feats)
+    out, sizes = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for enc in LOGIT_ENCODINGS:
-            encoded = [encode_logits(x, enc) for x in logits]
-            nbytes = write_ragged(Path(tmp) / enc, {k: [e[k] for e in encoded] for k in encoded[0]}, {})
-            kl = np.average([kl_error(x, decode_logits(e, spec.num_classes), temperature) for x, e in zip(logits, encoded)],
-                            weights=[len(x) for x in logits])
-            out.append({"kind": "logits", "encoding": enc, "bytes_per_point": nbytes / n_points, "kl_nats": float(kl)})
+            encoded = [encode_logits(x, enc, temperature) for x in logits]
+            nbytes = write_ragged(Path(tmp) / enc, {k: [e[k] for e in encoded] for k in encoded[0]}, {}, compression=CACHE_COMPRESSION)
+            kl = np.concatenate([kl_per_point(x, decode_logits(e, spec.num_classes, enc, temperature), temperature)
+                                 for x, e in zip(logits, encoded)])
+            sizes[("logits", enc)] = nbytes / n_points
+            out.append({"kind": "logits", "encoding": enc, "bytes_per_point": nbytes / n_points, "kl_nats": float(kl.mean()),
+                        "kl_max_nats": float(kl.max())})
         for enc in FEATURE_ENCODINGS:
             encoded = [encode_features(x, enc) for x in feats]
             nbytes = write_ragged(Path(tmp) / f"f_{enc}", {k: [e[k] for e in encoded] for k in encoded[0]}, {})
             exact = np.concatenate(feats)
             got = np.concatenate([decode_features(e) for e in encoded])
             rel = float(((got - exact) ** 2).sum() / max((exact ** 2).sum(), 1e-12))
+            sizes[("features", enc)] = nbytes / n_points
             out.append({"kind": "features", "encoding": enc, "bytes_per_point": nbytes / n_points, "relative_mse": rel,
-                        "hard_points_fraction": len(exact) / n_points})
+                        "hard_points_fraction": n_hard / n_points, "bytes_per_hard_point": nbytes / max(n_hard, 1)})
+    logit_bpp = sizes[("logits", DEFAULT_LOGIT_ENCODING)]
+    feat_per_hard = sizes[("features", DEFAULT_FEATURE_ENCODING)] * n_points / max(n_hard, 1)
+    kitti_bpp = logit_bpp + feat_per_hard * KITTI_HARD_FRACTION
+    default = next(r for r in out if r["kind"] == "logits" and r["encoding"] == DEFAULT_LOGIT_ENCODING)
+    out.append({"kind": "default", "encoding": f"{DEFAULT_LOGIT_ENCODING}+{DEFAULT_FEATURE_ENCODING}",
+                "bytes_per_point": logit_bpp + sizes[("features", DEFAULT_FEATURE_ENCODING)], "kl_nats": default["kl_nats"],
+                "kl_max_nats": default["kl_max_nats"], "hard_points_fraction": n_hard / n_points,
+                "kitti_bytes_per_point": kitti_bpp, "kitti_train_gb": kitti_bpp * KITTI_TRAIN_POINTS / 1e9})
     return out
 
 
 def recalibrate_batchnorm(run: Path, checkpoint: str, scans: int) -> None:
     """Batch-norm running statistics of a few-step teacher, re-estimated (cumulative averages)
     over `scans` fused train scans spread over the drive. After 3 steps they are still mostly
-    their initial values, and in eval mode its logits reach 1e5-1e6, which no fp16 cache can
-    hold (cache-teacher refuses them) and no trained teacher gives. The weights stay as trained;
-    the checkpoint is rewritten in place."""
+    their initial values, and in eval mode its logits reach 1e5-1e6, which no trained teacher
+    gives: the cache rows would measure the encodings on outputs of no use (a softmax of them is
+    one-hot). The weights stay as trained; the checkpoint is rewritten in place."""
     spec = spec_for_run(RunDir(run))
     model, ckpt = load_checkpoint(checkpoint, "torch")
     fused = ScanDataset(run, spec, ("train",), "fused", ckpt["config"]["voxel_size"], None)
@@ -231,9 +263,10 @@ def bench_train_steps(run: Path, backend: str, depth: int, repeats: int, device:
                        teacher_feats=out.features[cfg.feature_layer][:n_single][batch["teacher_feat_index"]].float())
         online_step(targets)
 
-    baseline = timed(lambda: plain_step(batch), repeats, sync=sync)
-    distilled = timed(lambda: cached_step(batch), repeats, sync=sync)
-    online_s = timed(online, repeats, sync=sync)
+    # in turns, as the backbone rows: sequential timing let a shared machine's drift decide the ratios
+    medians = timed_in_turns({"baseline": lambda: plain_step(batch), "distilled": lambda: cached_step(batch), "online": online},
+                             repeats, sync=sync)
+    baseline, distilled, online_s = medians["baseline"], medians["distilled"], medians["online"]
     return {"backend": student.backend, "amp": amp, "depth": depth, "points": int(batch["coords"].shape[0]),
             "fused_points": int(fused_batch["coords"].shape[0]), "params": count_parameters(student),
             "baseline_s": baseline, "distilled_s": distilled, "online_s": online_s,
@@ -410,7 +443,11 @@ def _minkowski_cuda() -> bool:
 
 
 def check_budgets(result: dict) -> list[dict]:
-    ratios = {"prepare_vs_io_rate": result["prepare"]["prepare_vs_io_rate"]}
+    ratios = {"prepare_vs_io_rate": result["prepare"]["prepare_vs_io_rate"],
+              "prepare_vs_io_rate_1job": result["prepare"]["prepare_vs_io_rate_1job"]}
+    default = next(r for r in result["cache_encodings"] if r["kind"] == "default")
+    ratios["cache_bytes_per_point"] = default["bytes_per_point"]
+    ratios["cache_kl_nats"] = default["kl_nats"]
     fp32 = [r for r in result["train_step"] if r["amp"] == "none"]
     for r in fp32:
         ratios[f"distilled_vs_baseline_step[{r['backend']}]"] = r["distilled_vs_baseline_step"]
@@ -433,8 +470,10 @@ def format_table(result: dict) -> str:
     p = result["prepare"]
     lines += [
         f"synth                     {result['synth']['seconds_per_scan']:.3f} s/scan, {result['synth']['points_per_scan']:.0f} points/scan",
-        f"prepare (k=4)             {p['scans_per_s_1job']:.2f} scans/s @1 job, {p['scans_per_s_all']:.2f} @{p['jobs_all']} jobs; "
-        f"I/O only {p['io_only_scans_per_s']:.1f} scans/s -> ratio {p['prepare_vs_io_rate']:.2f}",
+        f"prepare (k=4)             {p['scans_per_s_1job']:.2f} scans/s @1 job ({p['cpu_ms_per_scan_1job']:.0f} ms CPU/scan), "
+        f"{p['scans_per_s_all']:.2f} @{p['jobs_all']} jobs; I/O only {p['io_only_scans_per_s']:.1f} scans/s -> ratio "
+        f"{p['prepare_vs_io_rate_1job']:.2f} @1 job, {p['prepare_vs_io_rate']:.2f} @{p['jobs_all']}",
+        f"prepare re-run, finished  {p['rerun_finished_s']:.2f} s (sizes and stamps); with --verify {p['rerun_verify_s']:.2f} s",
         f"shard bytes/single point  {p['bytes_per_single_point']:.2f} (raw .bin+.label: 20)",
         f"hard instance points      median {p['median_points_per_hard_instance_single']:.0f} single -> {p['median_points_per_hard_instance_fused']:.0f} fused",
         f"input pipeline            {result['loader']['scans_per_s_per_worker']:.2f} scans/s per worker (read, augment, voxelise, cached targets)",
@@ -457,10 +496,16 @@ def format_table(result: dict) -> str:
             f"CPU grouping {d['cpu']['forward']} fwd / {d['cpu']['backward']} bwd (this run: {sc['grouping']})",
         ]
     for r in result["cache_encodings"]:
-        err = f"KL {r['kl_nats']:.2e} nats" if r["kind"] == "logits" else f"rel. MSE {r['relative_mse']:.2e}"
-        lines.append(f"cache {r['kind']:<8} {r['encoding']:<5} {r['bytes_per_point']:.2f} B/point, {err}")
+        if r["kind"] == "features":
+            err = f"rel. MSE {r['relative_mse']:.2e}"
+        else:
+            err = f"KL mean {r['kl_nats']:.2e}, max {r['kl_max_nats']:.2e} nats"
+        if r["kind"] == "default":
+            err += (f"; SemanticKITTI train ({KITTI_HARD_FRACTION:.1%} hard points): {r['kitti_bytes_per_point']:.2f} B/point, "
+                    f"{r['kitti_train_gb']:.1f} GB")
+        lines.append(f"cache {r['kind']:<8} {r['encoding']:<9} {r['bytes_per_point']:.2f} B/point, {err}")
     lines.append(f"eval                      {result['eval']['points_per_s']:.0f} points/s ({result['eval']['backend']})")
     lines += ["", "budgets (ratios from this run):"]
     for b in result["budgets"]:
-        lines.append(f"  {b['ratio']:<45} {b['value']:.2f}  budget {b['budget']:<7} {'ok' if b['ok'] else 'MISSED'}")
+        lines.append(f"  {b['ratio']:<45} {b['value']:<8.3g} budget {b['budget']:<8} {'ok' if b['ok'] else 'MISSED'}")
     return "\n".join(lines)

@@ -19,19 +19,23 @@ from m2skd.inference import predict
 from m2skd.manifest import read_manifest
 from m2skd.metrics import confusion_matrix, summarize
 from m2skd.models import FEATURE_NAMES
-from m2skd.ragged import RaggedReader, dir_bytes, verify_group, write_ragged
+from m2skd.ragged import RaggedReader, dir_bytes, group_is_current, write_ragged
 from m2skd.rundir import RunDir
-from m2skd.teacher_cache import decode_features, decode_logits, encode_features, encode_logits, kl_error
+from m2skd.teacher_cache import (CACHE_FORMAT, CODES_CLEVEL, DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, decode_features,
+                                 decode_logits, encode_features, encode_logits, kl_per_point)
 from m2skd.trainer import check_num_classes, file_fingerprint, load_checkpoint, read_checkpoint, resolve_device, spec_for_run
 from m2skd.transforms import voxel_coords
 
 from .parallel import run_tasks
 
 
+CACHE_COMPRESSION = {"logit_codes": {"clevel": CODES_CLEVEL, "shuffle": "noshuffle"}}
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    logit_encoding: str = "fp16"
-    feature_encoding: str = "fp16"
+    logit_encoding: str = DEFAULT_LOGIT_ENCODING
+    feature_encoding: str = DEFAULT_FEATURE_ENCODING
     feature_layer: str = "dec4"
     splits: tuple[str, ...] = ("train",)
     backend: str = "auto"
@@ -64,11 +68,12 @@ def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig
     model, ckpt = load_checkpoint(teacher_path, cfg.backend, device, spec=spec)
     model.eval()
     voxel = ckpt["config"]["voxel_size"]
+    temperature = attrs["temperature"]
     reader = RaggedReader(run.prepare / shard_rel)
     single_count = reader.per_scan("single_count")
     logit_fields: dict[str, list] = {}
     feat_fields: dict[str, list] = {}
-    kl, feat_err, n_points = [], [], 0
+    kl_sum, kl_max, feat_err, n_points = 0.0, 0.0, [], 0
     conf = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     for i in range(len(reader)):
         data = reader.read(i, names=["points", "label"])
@@ -78,40 +83,34 @@ def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig
         hard = spec.hard_instance_points(raw)
         conf += confusion_matrix(predict(logits), spec.learning_lut[raw & 0xFFFF], spec.num_classes)
         try:
-            enc = encode_logits(logits, cfg.logit_encoding)
+            enc = encode_logits(logits, cfg.logit_encoding, temperature)
             fenc = encode_features(feats[hard], cfg.feature_encoding)
         except ValueError as exc:
             scan = reader.attrs["rows"][i]
-            raise DataError(teacher_path, f"scan {scan['sequence']}/{scan['frame_name']}: {exc}. A trained network's "
-                            "outputs are far smaller (batch-norm statistics of a very short run?): train the teacher "
-                            "longer, or cache with --logit-encoding fp32 --feature-encoding fp32") from None
+            raise DataError(teacher_path, f"scan {scan['sequence']}/{scan['frame_name']}: {exc} (a diverged teacher?)") from None
         fenc["point_index"] = np.flatnonzero(hard).astype(np.int32)
         for fields, values in ((logit_fields, enc), (feat_fields, fenc)):
             for key, value in values.items():
                 fields.setdefault(key, []).append(value)
         if n:
-            kl.append(kl_error(logits, decode_logits(enc, spec.num_classes), ckpt["config"]["temperature"]) * n)
+            kl = kl_per_point(logits, decode_logits(enc, spec.num_classes, cfg.logit_encoding, temperature), temperature)
+            kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
         if hard.any():
             exact = feats[hard]
             feat_err.append(float(((decode_features(fenc) - exact) ** 2).sum() / max((exact ** 2).sum(), 1e-12)))
         n_points += n
-    stats = {"feature_channels": int(feats.shape[1]), "kl_sum": float(np.sum(kl)),
+    stats = {"feature_channels": int(feats.shape[1]), "kl_sum": kl_sum, "kl_max": kl_max, "points": n_points,
              "feature_rel_mse": float(np.mean(feat_err)) if feat_err else 0.0, "target_confusion": conf.tolist()}
-    nbytes = write_ragged(run.teacher_cache / shard_rel, logit_fields, {**attrs, **stats}, extra_rows={"hard": feat_fields})
+    nbytes = write_ragged(run.teacher_cache / shard_rel, logit_fields, {**attrs, **stats}, extra_rows={"hard": feat_fields},
+                          compression=CACHE_COMPRESSION)
     return {"shard": shard_rel, "scans": len(reader), "points": n_points, "bytes": nbytes, **stats}
 
 
-def _done(path: Path, attrs: dict) -> bool:
-    """Complete, intact (chunks hashed as written) and made with these inputs and settings."""
-    if not verify_group(path):
-        return False
-    got = RaggedReader(path).attrs
-    return all(got.get(k) == v for k, v in attrs.items())
-
-
-def ensure_cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig, attrs: dict, overwrite: bool) -> dict:
-    if not overwrite and _done(run.teacher_cache / shard_rel, attrs):
-        return {"shard": shard_rel, "scans": len(RaggedReader(run.prepare / shard_rel)), "written": False}
+def ensure_cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig, attrs: dict, overwrite: bool,
+                       verify: bool = False) -> dict:
+    """Reuse the cache shard if current (same inputs and settings; intact, ragged.group_is_current), else (re)write it."""
+    if not overwrite and group_is_current(run.teacher_cache / shard_rel, attrs, verify):
+        return {"shard": shard_rel, "scans": len(RaggedReader(run.prepare / shard_rel).attrs["rows"]), "written": False}
     return {**cache_shard(shard_rel, run, teacher_path, cfg, attrs), "written": True}
 
 
@@ -141,18 +140,22 @@ def check_teacher(run: RunDir, teacher_path: Path, meta: dict) -> dict:
     return ckpt
 
 
-def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs: int = 1, overwrite=False, progress=None, dask_scheduler=None) -> dict:
+def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs: int = 1, overwrite=False, progress=None,
+              dask_scheduler=None, verify=False) -> dict:
+    """Cache every shard not already current, then write cache.json over all of them.
+    `verify`: hash every chunk of the existing cache shards (else only where a size or stamp differs)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     run = RunDir(run_dir)
     teacher_path = Path(teacher_path or run.model_dir("teacher") / "model.pt").resolve()
     manifest, meta = read_manifest(run.manifest)
-    check_teacher(run, teacher_path, meta)
+    ckpt = check_teacher(run, teacher_path, meta)
     prepare_fp = meta["config_fingerprint"]
     teacher_fp = file_fingerprint(teacher_path)
     # the cache's inputs and settings: whatever changes one of them makes a different cache
-    attrs = {"teacher_fingerprint": teacher_fp, "manifest_fingerprint": meta["content_fingerprint"],
-             "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding, "feature_layer": cfg.feature_layer}
+    attrs = {"teacher_fingerprint": teacher_fp, "manifest_fingerprint": meta["content_fingerprint"], "cache_format": CACHE_FORMAT,
+             "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding, "feature_layer": cfg.feature_layer,
+             "temperature": float(ckpt["config"]["temperature"])}
     rows = manifest[manifest["split"].isin(list(cfg.splits)) & manifest["has_labels"]]
     if rows.empty:
         raise StaleInputError(f"{run.manifest}: no labelled scans in splits {list(cfg.splits)}")
@@ -164,23 +167,24 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     sweep_temporaries(run.teacher_cache)
     if progress:
         progress(total=int(rows.shape[0]))
-    results = run_tasks(lambda s: ensure_cache_shard(s, run, str(teacher_path), cfg, attrs, overwrite), shards, jobs,
+    results = run_tasks(lambda s: ensure_cache_shard(s, run, str(teacher_path), cfg, attrs, overwrite, verify), shards, jobs,
                         on_done=(lambda s, r: progress(advance=r["scans"])) if progress else None, dask_scheduler=dask_scheduler)
     # summary over every shard, including those done by an earlier run
     nbytes = points = 0
-    kl_sum, feat_err = 0.0, []
+    kl_sum, kl_max, feat_err = 0.0, 0.0, []
     conf = 0
-    for shard in shards:
+    for shard in shards:  # attributes and file sizes only: no chunk is read
         reader = RaggedReader(run.teacher_cache / shard)
         nbytes += dir_bytes(run.teacher_cache / shard)
-        points += int(reader.offsets[-1])
+        points += int(reader.attrs["points"])
         kl_sum += reader.attrs["kl_sum"]
+        kl_max = max(kl_max, reader.attrs["kl_max"])
         feat_err.append(reader.attrs["feature_rel_mse"])
         shard_conf = reader.attrs.get("target_confusion")  # absent in caches from before it was recorded
         conf = None if conf is None or shard_conf is None else conf + np.asarray(shard_conf, np.int64)
     record = {**attrs, "teacher": teacher_reference(run, teacher_path), "feature_channels": reader.attrs["feature_channels"],
               "splits": list(cfg.splits), "shards": shards, "points": points, "bytes": nbytes,
-              "bytes_per_point": nbytes / max(points, 1), "kl_stored_vs_exact": kl_sum / max(points, 1),
+              "bytes_per_point": nbytes / max(points, 1), "kl_stored_vs_exact": kl_sum / max(points, 1), "kl_max": kl_max,
               "feature_relative_mse": float(np.mean(feat_err))}
     record["cache_fingerprint"] = fingerprint_json({**attrs, "splits": list(cfg.splits), "shards": shards})
     # How good the targets are: the teacher's argmax on the single-scan points it labels.
@@ -190,5 +194,5 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     write_json_atomic(run.teacher_cache / "cache.json", record)
     return {"shards": len(shards), "shards_written": sum(r["written"] for r in results), "cache_fingerprint": record["cache_fingerprint"], "points": points, "bytes_per_point": record["bytes_per_point"],
             "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding,
-            "kl_stored_vs_exact": record["kl_stored_vs_exact"], "feature_relative_mse": record["feature_relative_mse"],
+            "kl_stored_vs_exact": record["kl_stored_vs_exact"], "kl_max": kl_max, "feature_relative_mse": record["feature_relative_mse"],
             "target_miou": record["target_quality"]["miou"], "target_hard_miou": record["target_quality"]["hard_miou"]}

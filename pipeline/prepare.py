@@ -5,9 +5,11 @@ Frames are their file names' numbers (DESIGN.md section 3): the k previous scans
 the frame numbers t-1..t-k that exist, and frame t's pose is line t of poses.txt.
 
 Resumable: a shard is written whole under a temporary name and renamed; a re-run skips shards
-that are complete, intact (every chunk hashed as written) and made with the same configuration
-from the same data, and rewrites any other. The manifest lists every complete shard in the run
-directory, so preparing some splits or sequences adds to it.
+that are complete, intact and made with the same configuration from the same input files, and
+rewrites any other. "Same" is decided in O(files) by sizes and modification stamps (of the
+shard's chunks and of the scans, labels, poses and calibration it was made from), hashes only
+where a stamp differs or with `verify` (ragged.group_is_current). The manifest lists every
+complete shard in the run directory, so preparing some splits or sequences adds to it.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_bytes, fingerprint_json
 from m2skd.fusion import Frame, FusionConfig, fuse
 from m2skd.manifest import write_manifest
-from m2skd.ragged import RaggedReader, dir_bytes, list_groups, verify_group, write_ragged
+from m2skd.ragged import RaggedReader, dir_bytes, file_stamp, group_is_current, list_groups, write_ragged
 from m2skd.rundir import RunDir
 
 from .parallel import run_tasks
@@ -57,19 +59,24 @@ class ShardTask:
     stop: int
     path: str
     overwrite: bool = False
+    verify: bool = False  # hash every chunk of an existing shard, not only those whose stamp differs
+    frames: tuple[str, ...] = ()  # the shard's frame names
 
 
-def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bool, spec: DatasetSpec) -> tuple[Frame, str]:
+def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bool, spec: DatasetSpec,
+               fingerprint: bool = True) -> tuple[Frame, str | None]:
+    """The frame and its input files' fingerprint (None unless asked: a frame read only as
+    another scan's predecessor is not in this shard's manifest rows)."""
     scan_path = seq.scan_path(frame_name)
     scan_bytes = sk.read_bytes(scan_path)
     points = sk.parse_scan(scan_bytes, scan_path)
     if not labelled:
-        return Frame(points, None, None, pose), fingerprint_bytes(scan_bytes)
+        return Frame(points, None, None, pose), fingerprint_bytes(scan_bytes) if fingerprint else None
     label_path = seq.label_path(frame_name)
     label_bytes = sk.read_bytes(label_path)
     raw = sk.parse_label(label_bytes, label_path, len(points), spec.learning_lut)
     train = spec.learning_lut[raw & 0xFFFF]
-    return Frame(points, raw, train, pose), fingerprint_bytes(scan_bytes, label_bytes)
+    return Frame(points, raw, train, pose), fingerprint_bytes(scan_bytes, label_bytes) if fingerprint else None
 
 
 def shard_attrs(cfg: PrepareConfig, data_root: str) -> dict:
@@ -77,16 +84,10 @@ def shard_attrs(cfg: PrepareConfig, data_root: str) -> dict:
     return {"config_fingerprint": cfg.fingerprint(), "data_root": data_root}
 
 
-def shard_is_done(path, cfg: PrepareConfig, data_root: str) -> bool:
-    if not verify_group(path):
-        return False
-    attrs = RaggedReader(path).attrs
-    return all(attrs.get(k) == v for k, v in shard_attrs(cfg, data_root).items())
-
-
 def ensure_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
-    """Reuse the shard if complete and intact, else (re)write it."""
-    if not task.overwrite and shard_is_done(task.path, cfg, task.data_root):
+    """Reuse the shard if current (same settings, frames and input files; intact), else (re)write it."""
+    expected = {**shard_attrs(cfg, task.data_root), "frames": list(task.frames)}
+    if not task.overwrite and group_is_current(task.path, expected, task.verify):
         return {"path": task.path, "frames": task.stop - task.start, "written": False}
     return prepare_shard(task, cfg, spec)
 
@@ -105,8 +106,12 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
     icp = [0, 0]
     row_start = 0
     todo = [(n, name) for n, name in numbered[: task.stop] if n >= first - k]
+    # stamps taken before reading: a file changed while it is read differs at the next run
+    inputs = [seq.path / "poses.txt", seq.path / "calib.txt"]
+    inputs += [p for _, name in todo for p in ([seq.scan_path(name)] + ([seq.label_path(name)] if labelled else []))]
+    stamps = {str(p): file_stamp(p) for p in inputs}
     for i, name in todo:
-        frame, fp = load_frame(seq, name, poses[i], labelled, spec)
+        frame, fp = load_frame(seq, name, poses[i], labelled, spec, fingerprint=i >= first)
         if i >= first:
             previous = [(j, window[i - j]) for j in range(1, k + 1) if i - j in window]
             fused = fuse(frame, previous, spec.hard_mask, spec.moving_lut, fcfg)
@@ -132,8 +137,8 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
             row_start += n_single + n_fused
         window[i] = frame
         window = {j: f for j, f in window.items() if j > i - k}
-    attrs = {"sequence": task.sequence, **shard_attrs(cfg, task.data_root), "rows": rows,
-             "icp_accepted": icp[0], "icp_rejected": icp[1]}
+    attrs = {"sequence": task.sequence, **shard_attrs(cfg, task.data_root), "rows": rows, "frames": [r["frame_name"] for r in rows],
+             "input_stamps": stamps, "icp_accepted": icp[0], "icp_rejected": icp[1]}
     nbytes = write_ragged(
         task.path,
         {"points": points, "label": labels, "source": sources},
@@ -143,7 +148,8 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
     return {"path": task.path, "frames": len(rows), "bytes": nbytes, "written": True}
 
 
-def plan(data_root, run: RunDir, cfg: PrepareConfig, spec: DatasetSpec, splits=None, sequences=None, overwrite=False) -> list[ShardTask]:
+def plan(data_root, run: RunDir, cfg: PrepareConfig, spec: DatasetSpec, splits=None, sequences=None, overwrite=False,
+         verify=False) -> list[ShardTask]:
     tasks = []
     for name in sk.list_sequences(data_root):
         split = spec.split_of(name)
@@ -153,7 +159,8 @@ def plan(data_root, run: RunDir, cfg: PrepareConfig, spec: DatasetSpec, splits=N
         for start in range(0, len(numbered), cfg.frames_per_shard):
             stop = min(len(numbered), start + cfg.frames_per_shard)
             path = run.shards / name / f"{numbered[start][0]:06d}-{numbered[stop - 1][0]:06d}.zarr"
-            tasks.append(ShardTask(str(data_root), name, split, start, stop, str(path), overwrite))
+            frames = tuple(f for _, f in numbered[start:stop])
+            tasks.append(ShardTask(str(data_root), name, split, start, stop, str(path), overwrite, verify, frames))
     return tasks
 
 
@@ -189,8 +196,10 @@ def manifest_rows(run: RunDir) -> tuple[list[dict], int]:
     return rows, nbytes
 
 
-def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=None, sequences=None, overwrite=False, progress=None, dask_scheduler=None) -> dict:
-    """Prepare every planned shard not already done, then rewrite the manifest over all shards."""
+def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=None, sequences=None, overwrite=False, progress=None,
+                dask_scheduler=None, verify=False) -> dict:
+    """Prepare every planned shard not already done, then rewrite the manifest over all shards.
+    `verify`: hash every chunk of the existing shards (else only where a size or stamp differs)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     spec = load_spec(cfg.dataset)
@@ -200,7 +209,7 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
     run = RunDir(run_dir)
     data_root = str(Path(data_root).resolve())
     record = {"config": cfg.to_dict(), "config_fingerprint": cfg.fingerprint(), "data_root": data_root}
-    tasks = plan(data_root, run, cfg, spec, splits, sequences, overwrite)
+    tasks = plan(data_root, run, cfg, spec, splits, sequences, overwrite, verify)
     if not tasks:
         raise StaleInputError(f"{data_root}: no sequences match splits={splits} sequences={sequences}")
     swept = sweep_temporaries(run.prepare)

@@ -23,7 +23,7 @@ from m2skd.manifest import read_manifest
 from m2skd.ragged import RaggedReader
 from m2skd.render import bev_figure, class_colours, fusion_figure
 from m2skd.rundir import RunDir
-from m2skd.teacher_cache import decode_logits
+from m2skd.teacher_cache import stored_logits
 from m2skd.trainer import load_checkpoint, spec_for_run
 from m2skd.transforms import voxel_coords
 
@@ -157,8 +157,8 @@ def run_show(run_dir, out_dir=None, checkpoints=None, views=VIEWS, scan=None, ca
         n = int(row["n_single"])
         points, raw = data["points"][:n], data["label"][:n]
         gt = spec.learning_lut[raw & 0xFFFF].astype(np.int64)
-        cache = RaggedReader(run.teacher_cache / row["shard"]).read(int(row["shard_index"]))
-        panels = {"teacher cache (argmax)": decode_logits(cache, spec.num_classes).argmax(1)}
+        cache = RaggedReader(run.teacher_cache / row["shard"])
+        panels = {"teacher cache (argmax)": stored_logits(cache, int(row["shard_index"]), spec.num_classes).argmax(1)}
         students = [p for p in ckpts if label(p) != "teacher"] or ckpts
         panels.update({label(p): _predict(*model(p), points, device) for p in students})
         path = bev_figure(points, gt, panels, colours, spec.hard_mask, spec.class_names, out / "cache.png",

@@ -115,25 +115,79 @@ def test_cache_feature_layer_must_match_the_student(chain, tmp_path):
     assert train(run, "student", student, name="student")["checkpoint"]
 
 
-def test_teacher_outputs_beyond_fp16_are_refused(chain, tmp_path):
-    """fp16 stores logits over 65504 as inf (the cache's KL then reads NaN and a student trains
-    on NaN): the cache refuses them in one line naming the teacher and the scan, from a worker
-    process too; fp32, as the message says, caches them."""
+def stored_vs_exact_kl(run, teacher_path) -> np.ndarray:
+    """KL at T, per single-scan point of every cached scan, of the stored targets against the
+    teacher's fp32 outputs recomputed now."""
+    from m2skd.teacher_cache import kl_per_point, stored_logits
+    from pipeline.cache_teacher import teacher_outputs
+
+    model, ckpt = load_checkpoint(teacher_path, "torch", "cpu")
+    model.eval()
+    df, _ = read_manifest(RunDir(run).manifest)
+    out = []
+    for _, row in df[df["split"] == "train"].iterrows():
+        data = RaggedReader(RunDir(run).prepare / row["shard"]).read(int(row["shard_index"]))
+        logits, _ = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], "dec4", "cpu")
+        cache = RaggedReader(RunDir(run).teacher_cache / row["shard"])
+        stored = stored_logits(cache, int(row["shard_index"]), SPEC.num_classes)
+        out.append(kl_per_point(logits[: int(row["n_single"])], stored, TINY.temperature))
+    return np.concatenate(out)
+
+
+def test_short_trained_teacher_caches_with_the_default_encoding(chain, tmp_path):
+    """A few-step teacher (batch-norm statistics at their start) gives logits far beyond fp16;
+    a softmax needs only their differences, and the default encoding stores those: the stored
+    targets give the teacher's softmax at T within sq6's bound (max 4 C h^2, h = 1/126)."""
+    from m2skd.teacher_cache import DEFAULT_LOGIT_ENCODING
+
+    assert DEFAULT_LOGIT_ENCODING == "sq6"
+    bound = 4 * SPEC.num_classes * (0.5 / 63) ** 2
+    run = tmp_path / "run"
+    shutil.copytree(chain, run)
+    path = run / "teacher" / "model.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model"]["classifier.weight"] *= 1e7  # logits ~1e5-1e7, as a 3-step teacher's can be
+    torch.save(ckpt, path)
+    summary = run_cache(run, None, CACHE)
+    record = json.loads((RunDir(run).teacher_cache / "cache.json").read_text())
+    assert record["logit_encoding"] == "sq6" and record["cache_format"] == 2, summary
+    kl = stored_vs_exact_kl(run, path)
+    assert kl.size == summary["points"] and kl.max() <= bound and record["kl_max"] <= bound, (kl.max(), record["kl_max"])
+    assert abs(record["kl_stored_vs_exact"] - kl.mean()) < 1e-6
+    assert train(run, "student", TINY, name="student")["checkpoint"]
+
+
+def test_chain_cache_matches_the_teacher_within_the_bound(chain):
+    """The 2-step teacher of the chain fixture, cached with the defaults."""
+    kl = stored_vs_exact_kl(chain, chain / "teacher" / "model.pt")
+    assert kl.max() <= 4 * SPEC.num_classes * (0.5 / 63) ** 2
+
+
+def test_nan_teacher_is_refused_in_one_line(chain, tmp_path):
+    """NaN is the one output no encoding can store: one line naming the teacher and the scan,
+    from a worker process too; the previous cache stays as it was."""
     assert pickle.loads(pickle.dumps(DataError("f.pt", "why"))).path == "f.pt"  # crosses joblib
     run = tmp_path / "run"
     shutil.copytree(chain, run)
     path = run / "teacher" / "model.pt"
     ckpt = torch.load(path, weights_only=False)
-    ckpt["model"]["classifier.weight"] *= 1e7
+    ckpt["model"]["classifier.weight"][:] = float("nan")
     torch.save(ckpt, path)
     before = (RunDir(run).teacher_cache / "cache.json").read_bytes()
-    line = one_line_error(["cache-teacher", run, "--overwrite", "--jobs", "2"], f"{path}: scan ", "teacher logits reach",
-                          "beyond the fp16 encoding's range (65504)", "--logit-encoding fp32")
+    line = one_line_error(["cache-teacher", run, "--overwrite", "--jobs", "2"], f"{path}: scan ", "NaN")
     assert re.search(r"scan \d\d/\d{6}: ", line), line
     assert (RunDir(run).teacher_cache / "cache.json").read_bytes() == before
-    summary = run_cache(run, None, dataclasses.replace(CACHE, logit_encoding="fp32"), overwrite=True)
-    record = json.loads((RunDir(run).teacher_cache / "cache.json").read_text())
-    assert record["logit_encoding"] == "fp32" and record["kl_stored_vs_exact"] == 0.0, summary
+
+
+def test_old_cache_format_is_refused_by_the_student(chain, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(chain, run)
+    record_path = RunDir(run).teacher_cache / "cache.json"
+    record = json.loads(record_path.read_text())
+    record.pop("cache_format")
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(StaleInputError, match=r"cache.json: stored in cache format None, this version reads 2; re-run"):
+        train(run, "student", TINY, name="student")
 
 
 # --- 2. a partial prepare adds ---------------------------------------------------------------
@@ -256,12 +310,86 @@ def test_truncated_chunk_is_named_and_repaired_by_a_rerun(chain, small_dataset, 
 def test_damaged_cache_chunk_is_rewritten_by_a_rerun(chain, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(chain, run)
-    chunk = next(p for p in (RunDir(run).teacher_cache / "shards/00/000004-000007.zarr/logits").rglob("*")
+    chunk = next(p for p in (RunDir(run).teacher_cache / "shards/00/000004-000007.zarr/logit_codes").rglob("*")
                  if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, other bytes
     chunk.write_bytes(bytes(data))
     assert run_cache(run, None, CACHE)["shards_written"] == 1
+
+
+class ChunkReads:
+    """Counts the bytes of chunk files (not Zarr metadata) opened for reading under `root`,
+    through every path Python code opens files by (open, io.open, Path.open, Path.read_bytes)."""
+
+    def __init__(self, root, monkeypatch):
+        import builtins
+        import io
+
+        self.root, self.files = str(root), []
+        real = io.open
+
+        def counting(file, mode="r", *args, **kwargs):
+            name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
+            metadata = os.path.basename(name) in ("zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata")
+            if "r" in mode and name.startswith(self.root) and ".zarr/" in name and not metadata:
+                self.files.append(name)
+            return real(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(io, "open", counting)
+        monkeypatch.setattr(builtins, "open", counting)
+
+    @property
+    def bytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files if os.path.exists(f))
+
+
+def test_finished_prepare_is_recognised_without_reading_chunk_data(small_dataset, tmp_path, monkeypatch):
+    """A re-run on finished output compares sizes and stamps only; a truncated chunk, or (with
+    --verify) a same-size edit whose stamp was put back, is still found and rewritten."""
+    cfg = PrepareConfig(FusionConfig(), frames_per_shard=4)
+    run = tmp_path / "run"
+    run_prepare(small_dataset, run, cfg, sequences=("00",))
+    shard = RunDir(run).shards / "00" / "000000-000003.zarr"
+    assert ChunkReads(tmp_path, monkeypatch).bytes == 0  # the counter itself sees reads:
+    reads = ChunkReads(run, monkeypatch)
+    RaggedReader(shard).read(0)
+    assert reads.bytes > 0
+    reads.files.clear()
+    assert run_prepare(small_dataset, run, cfg, sequences=("00",))["shards_written"] == 0
+    assert reads.files == [] and reads.bytes == 0
+    cache = RaggedReader(shard)  # same-size damage, modification time put back: only --verify sees it
+    chunk = shard / max(cache.attrs["chunk_files"], key=lambda rel: cache.attrs["chunk_files"][rel][0])
+    st = chunk.stat()
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run_prepare(small_dataset, run, cfg, sequences=("00",))["shards_written"] == 0
+    assert run_prepare(small_dataset, run, cfg, sequences=("00",), verify=True)["shards_written"] == 1
+    chunk.write_bytes(chunk.read_bytes()[:100])  # truncated: its size differs
+    reads.files.clear()
+    assert run_prepare(small_dataset, run, cfg, sequences=("00",))["shards_written"] == 1
+    assert RaggedReader(shard, verify_hashes=True).read(0)["points"].shape[1] == 4
+
+
+def test_scan_edited_in_place_is_reprepared(small_dataset, tmp_path):
+    """A scan rewritten in place (same path, other bytes) is noticed from its size/stamp: the
+    shards that read it are rewritten, and the manifest's fingerprint changes downstream."""
+    data = copy_sequences(small_dataset, tmp_path / "data", ["00"])
+    cfg = PrepareConfig(FusionConfig(), frames_per_shard=4)
+    first = run_prepare(data, tmp_path / "run", cfg)
+    scan = data / "sequences/00/velodyne/000006.bin"
+    points = np.fromfile(scan, np.float32).reshape(-1, 4)
+    points[:, 3] = 0.5
+    points.tofile(scan)  # same size
+    again = run_prepare(data, tmp_path / "run", cfg)
+    assert again["shards_written"] == 1  # only 000004-000007 read frame 6
+    assert again["manifest_fingerprint"] != first["manifest_fingerprint"]
+    df, _ = read_manifest(RunDir(tmp_path / "run").manifest)
+    shard = RaggedReader(RunDir(tmp_path / "run").prepare / df[df["frame"] == 6].iloc[0]["shard"])
+    got = shard.read(int(df[df["frame"] == 6].iloc[0]["shard_index"]))["points"]
+    assert np.array_equal(got[: len(points)], points)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all" * 100])
