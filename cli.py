@@ -225,8 +225,10 @@ def train_student(no_distill, **kwargs):
 @click.option("--logit-encoding", type=click.Choice(["fp32", "fp16", "top2", "top4", "top8"]), default="fp16", show_default=True)
 @click.option("--feature-encoding", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
 @click.option("--splits", default="train", show_default=True)
-@click.option("--feature-layer", type=click.Choice(["dec1", "dec2", "dec3", "dec4"]), default="dec4", show_default=True,
-              help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer).")
+@click.option("--feature-layer", type=click.Choice(["dec1", "dec2", "dec3", "dec4", "dec1_preact", "dec2_preact", "dec3_preact",
+                                                   "dec4_preact"]), default="dec4_preact", show_default=True,
+              help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer; "
+                   "*_preact: before the stage's last ReLU).")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))

@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from .errors import M2SKDError
-from .losses import DEFAULT_DISTILL_CONFIG, kd_weight_for
+from .losses import AFFINITY_FORMS, DEFAULT_DISTILL_CONFIG, KD_FORMS, kd_weight_for
+from .models import FEATURE_NAMES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -59,8 +60,12 @@ class TrainConfig:
     feat_weight: float = DEFAULT_DISTILL_CONFIG["feat_weight"]
     affinity_weight: float = DEFAULT_DISTILL_CONFIG["affinity_weight"]
     affinity_max_points: int = DEFAULT_DISTILL_CONFIG["max_points_per_instance"]
-    affinity_mode: str = DEFAULT_DISTILL_CONFIG["affinity_mode"]  # instance | class
-    feature_layer: str = "dec4"
+    kd_hard_weight: float = DEFAULT_DISTILL_CONFIG["kd_hard_weight"]  # weight of hard-class points in the logit term's mean
+    # instance: per hard instance on feature_layer's features; class: the release's, per class on the logits
+    affinity_form: str = DEFAULT_DISTILL_CONFIG["affinity_form"]
+    # the decoder features the feature and affinity terms compare; *_preact: before the stage's last
+    # ReLU, where the features have sign (post-ReLU similarities within an instance are all near 1)
+    feature_layer: str = "dec4_preact"
 
     def distill_enabled(self) -> bool:
         return any(w > 0 for w in (kd_weight_for(self.kd_form, self.kd_weight), self.feat_weight, self.affinity_weight))
@@ -84,7 +89,8 @@ class TrainConfig:
         for key, value in positive.items():
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
-        for key in ("workers", "val_every", "weight_decay", "grad_clip", "lovasz_weight", "feat_weight", "affinity_weight"):
+        for key in ("workers", "val_every", "weight_decay", "grad_clip", "lovasz_weight", "feat_weight", "affinity_weight",
+                    "kd_hard_weight"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ConfigError(f"{key} must be >= 0, got {value!r}")
@@ -95,7 +101,7 @@ class TrainConfig:
         if self.val_max_scans is not None and self.val_max_scans < 1:
             raise ConfigError(f"val_max_scans must be >= 1 or none, got {self.val_max_scans!r}")
         choices = {"amp": ("none", "bf16", "fp16"), "backend": ("auto", "torch", "minkowski"), "depth": (18, 34),
-                   "feature_layer": ("dec1", "dec2", "dec3", "dec4")}
+                   "feature_layer": FEATURE_NAMES, "kd_form": KD_FORMS, "affinity_form": AFFINITY_FORMS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")

@@ -32,7 +32,7 @@ from .parallel import run_tasks
 class CacheConfig:
     logit_encoding: str = "fp16"
     feature_encoding: str = "fp16"
-    feature_layer: str = "dec4"
+    feature_layer: str = "dec4_preact"  # the student's default (TrainConfig.feature_layer)
     splits: tuple[str, ...] = ("train",)
     backend: str = "auto"
     device: str | None = None  # None: cuda when available, else cpu

@@ -40,7 +40,7 @@ def test_cached_targets_equal_a_fresh_teacher_forward(teacher_run):
     shard = RaggedReader(RunDir(run).prepare / row["shard"])
     cached = RaggedReader(RunDir(run).teacher_cache / row["shard"])
     points = shard.read(int(row["shard_index"]))["points"]
-    logits, feats = teacher_outputs(model, points, ckpt["config"]["voxel_size"], "dec4", "cpu")
+    logits, feats = teacher_outputs(model, points, ckpt["config"]["voxel_size"], "dec4_preact", "cpu")
     n = int(row["n_single"])
     stored = decode_logits(cached.read(int(row["shard_index"])), 20)
     assert stored.shape == (n, 20)
