@@ -263,17 +263,26 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
 @click.option("--device", default=None)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--max-scans", default=None, type=int, help="Evaluate an evenly spaced subset.")
+@click.option("--teacher", default=None, type=click.Path(exists=True), metavar="RUN_DIR|MODEL.PT",
+              help="Also report each checkpoint's transfer to this teacher: KL(teacher || student) x T^2 and argmax "
+                   "agreement at the split's single-scan points (all, hard-class, per instance bucket), from the "
+                   "teacher's cache where it holds the split, else the teacher run on the fused input.")
 @friendly_errors
-def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, backend, device, workers, max_scans):
+def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, backend, device, workers, max_scans, teacher):
     """Official SemanticKITTI metrics for checkpoints side by side; CSV, JSON and PNG reports."""
     from pipeline.evaluate import run_eval
 
     bar = Progress("eval")
     out = run_eval(checkpoints, split, data_root, csv_list(sequences), out_dir, save_labels, backend, device, workers,
-                   max_scans=max_scans, progress=bar)
+                   max_scans=max_scans, progress=bar, teacher=teacher)
     bar.close()
     print_table(out["table"])
     print_instances(out["instances"])
+    if len(out["transfer"]):
+        click.echo("
+transfer to the teacher (KL x T^2: lower is closer; agreement: same argmax):")
+        click.echo(out["transfer"].drop(columns=["teacher"]).to_string(index=False, float_format=lambda v: f"{v:.3f}",
+                                                                       na_rep="-"))
     click.echo(f"reports in {out['out_dir']}")
 
 
