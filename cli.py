@@ -134,8 +134,12 @@ def synth(out, sequences, frames, seed, beams, azimuth_steps, jobs):
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Parallel workers (joblib/loky).")
 @click.option("--dask-scheduler", default=None, help="Run shard jobs on this Dask cluster instead.")
 @click.option("--overwrite", is_flag=True, help="Rewrite every shard even if done.")
+@click.option("--voxel-size", default=None, type=click.FloatRange(min=0, min_open=True), metavar="METRES",
+              help="Also report what fusion adds to hard instances at this voxel size (the training one): points and "
+                   "occupied voxels, fused vs single.")
 @friendly_errors
-def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, frames_per_shard, moving_threshold, dataset, jobs, dask_scheduler, overwrite):
+def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, frames_per_shard, moving_threshold, dataset, jobs, dask_scheduler, overwrite,
+            voxel_size):
     """Align poses and fuse hard-class instances into Zarr shards + a Parquet manifest."""
     import time
 
@@ -147,7 +151,7 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
     progress = Progress("prepare")
     t0 = time.perf_counter()
     summary = run_prepare(data, run_dir, cfg, jobs=jobs, splits=csv_list(splits), sequences=csv_list(sequences),
-                          overwrite=overwrite, progress=progress, dask_scheduler=dask_scheduler)
+                          overwrite=overwrite, progress=progress, dask_scheduler=dask_scheduler, voxel_size=voxel_size)
     progress.close()
     elapsed = time.perf_counter() - t0
     summary["seconds"] = elapsed
@@ -316,7 +320,10 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
     progress_factory.close()
     click.echo(f"\nm2skd demo: {result['prepare']['scans']} synthetic scans, hard-class points per instance "
                f"{result['prepare']['median_points_per_hard_instance_single']:.0f} (single) -> "
-               f"{result['prepare']['median_points_per_hard_instance_fused']:.0f} (fused, median)\n")
+               f"{result['prepare']['median_points_per_hard_instance_fused']:.0f} (fused, median); fusion adds "
+               f"{result['prepare']['hard_instance_points_gain']:+.0%} points and "
+               f"{result['prepare']['hard_instance_voxel_gain']:+.0%} occupied voxels to hard instances at "
+               f"{result['prepare']['hard_instance_voxel_size']:g} m\n")
     print_table(result["table"])
     print_instances(result["instances"])
     effect = result["effect"]

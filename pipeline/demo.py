@@ -115,10 +115,12 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
             generate_dataset(data, sequences=sequences, frames=frames, seed=seed,
                              config=SynthConfig(beams=s.beams, azimuth_steps=s.azimuth_steps), jobs=s.jobs,
                              progress=(lambda n=1: p(advance=n)) if p else None)
-    announce("prepare")
-    prep = run_prepare(data, run, PrepareConfig(FusionConfig(), frames_per_shard=10), jobs=s.jobs, progress=bar("prepare"))
-
     base = {"backend": backend, **(overrides or {})}
+    announce("prepare")
+    voxel_size = load_config(s.config, base).voxel_size  # the gain fusion gives hard instances at the training voxels
+    prep = run_prepare(data, run, PrepareConfig(FusionConfig(), frames_per_shard=10), jobs=s.jobs, progress=bar("prepare"),
+                       voxel_size=voxel_size)
+
     announce("train teacher")
     p = None if final_model(run, "teacher").exists() else bar("train teacher")
     teacher = train_or_resume(
