@@ -283,8 +283,7 @@ def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, bac
     print_table(out["table"])
     print_instances(out["instances"])
     if len(out["transfer"]):
-        click.echo("
-transfer to the teacher (KL x T^2: lower is closer; agreement: same argmax):")
+        click.echo("\ntransfer to the teacher (KL x T^2: lower is closer; agreement: same argmax):")
         click.echo(out["transfer"].drop(columns=["teacher"]).to_string(index=False, float_format=lambda v: f"{v:.3f}",
                                                                        na_rep="-"))
     click.echo(f"reports in {out['out_dir']}")
@@ -382,15 +381,21 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
               help="A demo directory: its data, teacher and cache are reused (made first if missing).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, metavar="S1,S2,...", help="Student seeds, one distilled/baseline pair each.")
 @click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed of the data and the teacher (the demo's --seed).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data and the teachers (the demo's --seed).")
 @click.option("--kd-forms", default="kl", show_default=True, metavar="kl[,release]",
               help="Logit forms to compare, each paired with the same baselines.")
+@click.option("--teachers", default="none,hard,all", show_default=True, metavar="none,hard,all",
+              help="Teachers by their input's fusion (prepare --fusion): hard (the method), none (single scans: plain "
+                   "self-distillation), all (whole scans); each with its own data and cache, all paired with the same "
+                   "baselines and seeds.")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a training config key.")
 @friendly_errors
-def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
-    """Distillation effect over paired seeds: mean, 95% t-interval and per-seed values per class,
-    for hard-class mIoU, mIoU and the sparse-instance buckets. Re-running adds seeds."""
+def study(out_dir, seeds, size, seed, kd_forms, teachers, backend, overrides):
+    """Distillation effect over paired seeds, per teacher (none, hard, all): mean, 95% t-interval and
+    per-seed values for hard-class mIoU, mIoU, the transfer diagnostic (KL to the teacher, agreement),
+    each class and the sparse-instance buckets. Re-running adds what is missing (seeds, forms, teachers)."""
+    from m2skd.fusion import FUSION_MODES
     from m2skd.losses import KD_FORMS
     from m2skd.train_config import parse_overrides
     from pipeline.study import run_study
@@ -403,18 +408,26 @@ def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
     bad = [f for f in forms if f not in KD_FORMS]
     if bad or not seed_list:
         raise click.BadParameter(f"seeds and forms ({', '.join(KD_FORMS)}) needed, got {seeds!r} / {kd_forms!r}")
+    teacher_list = csv_list(teachers) or ()
+    if not teacher_list or any(t not in FUSION_MODES for t in teacher_list):
+        raise click.BadParameter(f"expected some of {', '.join(FUSION_MODES)}, got {teachers!r}", param_hint="--teachers")
     progress_factory = StageBars()
 
     result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, kd_forms=forms,
                        overrides=parse_overrides(overrides), on_stage=lambda name: click.echo(f"== {name}", err=True),
-                       progress_factory=progress_factory)
+                       progress_factory=progress_factory, teachers=teacher_list)
     progress_factory.close()
     table = result["table"]
-    shown = table[(table["group"] == "summary") | ((table["group"] == "class IoU") & table["hard"])
+    shown = table[table["group"].isin(["summary", "transfer"]) & ~table["metric"].str.contains(" ")
+                  | ((table["group"] == "class IoU") & table["hard"])
                   | (table["group"].str.startswith("instances") & table["metric"].str.endswith("hit rate"))]
-    click.echo(f"\ndistillation effect over seeds {', '.join(map(str, result['seeds']))} (distilled - baseline):")
-    click.echo(shown.drop(columns=["hard"]).to_string(index=False, float_format=lambda v: f"{v:+.3f}", na_rep="-"))
-    click.echo(f"\nall classes and instance buckets in {result['out_dir']}/study.csv; {result['seconds']:.0f} s")
+    click.echo(f"\ndistillation effect over seeds {', '.join(map(str, result['seeds']))} (distilled - baseline; "
+               f"kl_*: KL(teacher || student) x T^2, lower is closer):")
+    seed_columns = [c for c in table.columns if c.startswith("seed ")]
+    click.echo(shown.drop(columns=["hard"] + seed_columns).to_string(index=False, float_format=lambda v: f"{v:+.3f}",
+                                                                     na_rep="-"))
+    click.echo(f"\nper-seed values, every class, instance and transfer bucket in {result['out_dir']}/study.csv; "
+               f"{result['seconds']:.0f} s")
 
 
 def print_instances(table) -> None:
