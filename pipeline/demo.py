@@ -134,7 +134,9 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
         run, "teacher", "teacher", load_config(s.config, {"steps": s.teacher_steps, "seed": seed, **base}),
         callback=(lambda step, total, logs: p(total=total, done=None, set_to=step, postfix=logs)) if p else None)
     announce("cache-teacher")
-    cache = run_cache(run, teacher, CacheConfig(backend=backend), jobs=s.jobs, progress=bar("cache-teacher"))
+    # val too: the transfer diagnostic reads the teacher's val targets once instead of re-running it per checkpoint
+    cache = run_cache(run, teacher, CacheConfig(backend=backend, splits=("train", "val")), jobs=s.jobs,
+                      progress=bar("cache-teacher"))
     return {"size": s, "data": data, "run": run, "prepare": prep, "cache": cache, "teacher": teacher, "base": base,
             "fusion": fusion}
 

@@ -12,6 +12,7 @@ from pipeline.study import run_study
 
 SPEC = load_spec()
 HARD_NAMES = [SPEC.class_names[c] for c in SPEC.hard_classes]
+FAST = {"val_every": 0}  # no validation during training: the study evaluates every checkpoint itself
 
 
 def _mtimes(paths):
@@ -21,13 +22,13 @@ def _mtimes(paths):
 def test_study_of_two_teachers_pairs_shared_baselines_and_resumes(tmp_path):
     out = tmp_path / "study"
     run, control = out / "run", out / "run-none"
-    first = run_study(out, [0], size="tiny", backend="torch", teachers=("hard",))
+    first = run_study(out, [0], size="tiny", backend="torch", teachers=("hard",), overrides=FAST)
     assert first["pairs"] == {"hard": {"kl": [("distilled", "baseline")]}}
     assert not control.exists()
     done = _mtimes(list(run.glob("*/model.pt")) + list((run / "study").rglob("*.json")))
     assert {p.split("/")[-2] for p in done if p.endswith("model.pt")} == {"teacher", "distilled", "baseline"}
 
-    second = run_study(out, [0, 1], size="tiny", backend="torch", teachers=("none", "hard"))
+    second = run_study(out, [0, 1], size="tiny", backend="torch", teachers=("none", "hard"), overrides=FAST)
     # what existed was neither retrained, re-evaluated nor re-diagnosed
     for path, stamp in done.items():
         if not path.endswith("study.json"):
@@ -49,6 +50,7 @@ def test_study_of_two_teachers_pairs_shared_baselines_and_resumes(tmp_path):
         deltas = [diag(f"distilled{s}{tag}")["hard"]["kl"] - diag(f"baseline{s}")["hard"]["kl"] for s in ("", "-s1")]
         e = record["effects"][teacher]["kl"]["transfer"]["kl_hard"]
         assert e["per_seed"] == pytest.approx(deltas) and e["mean"] == pytest.approx(sum(deltas) / 2) and e["n"] == 2
+        assert diag("baseline")["source"] == "cache"  # the study caches the teachers' val targets
         assert diag("baseline")["teacher"].endswith(f"{'run-none' if teacher == 'none' else 'run'}/teacher/model.pt")
     # a baseline is diagnosed against each teacher: different targets, different KL
     kl_to = {t: json.loads((run / "study" / "transfer" / t / "baseline.json").read_text())["result"]["all"]["kl"]
@@ -68,7 +70,7 @@ def test_study_of_two_teachers_pairs_shared_baselines_and_resumes(tmp_path):
 
     # a third run with nothing missing trains, evaluates and diagnoses nothing
     everything = _mtimes([p for p in out.rglob("*") if p.is_file() and p.suffix in (".pt", ".json") and p.name != "study.json"])
-    run_study(out, [0, 1], size="tiny", backend="torch", teachers=("hard", "none"))
+    run_study(out, [0, 1], size="tiny", backend="torch", teachers=("hard", "none"), overrides=FAST)
     changed = [p for p, stamp in _mtimes(map(Path, everything)).items() if everything[p] != stamp]
     # only the records prepare and cache-teacher rewrite after checking their outputs
     assert not [p for p in changed if not p.endswith(("teacher_cache/cache.json", "prepare/config.json"))], changed
