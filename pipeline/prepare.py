@@ -274,6 +274,6 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
         "median_points_per_hard_instance_fused": float(np.median(inst_fused)) if inst_fused.size else 0.0,
         "hard_instances": int(inst_single.size),
         "manifest_fingerprint": df.attrs.get("content_fingerprint"),
-        **({f"hard_instance_{k}": v for k, v in occupancy_gain(run.root, voxel_size, jobs=jobs).items()}
-           if voxel_size else {}),
+        **({f"hard_instance_{k}": v for k, v in occupancy_gain(run.root, voxel_size, jobs=jobs).items()
+            if k != "hard_instances"} if voxel_size else {}),
     }

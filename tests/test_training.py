@@ -259,3 +259,12 @@ def test_transfer_diagnostic_by_hand_from_cache_and_from_the_teacher(teacher_run
         assert got["all"]["agreement"] == pytest.approx(np.concatenate(agree).mean(), abs=0.01 if split == "train" else 1e-9)
         assert got["hard"]["points"] == len(np.concatenate(hard_kl)) > 0
         assert got["hard"]["kl"] == pytest.approx(np.concatenate(hard_kl).mean(), rel=tol)
+    # m2skd eval --teacher: the same diagnostic on the scans it evaluates (the evenly spaced subset)
+    from pipeline.evaluate import run_eval
+
+    report = run_eval([student["checkpoint"]], "val", out_dir=tmp_path / "eval", backend="torch", workers=0, max_scans=3,
+                      teacher=result["checkpoint"])
+    got = report["results"]["diag"]["transfer"]
+    assert got == transfer_diagnostic(student["checkpoint"], result["checkpoint"], "val", max_scans=3, backend="torch")
+    assert got["scans"] == 3 and (tmp_path / "eval" / "transfer.csv").is_file()
+    assert report["transfer"].loc[0, "kl_hard"] == got["hard"]["kl"]
