@@ -71,7 +71,12 @@ class TrainConfig:
         return any(w > 0 for w in (kd_weight_for(self.kd_form, self.kd_weight), self.feat_weight, self.affinity_weight))
 
     def no_distill(self) -> "TrainConfig":
-        return dataclasses.replace(self, kd_weight=0.0, feat_weight=0.0, affinity_weight=0.0)
+        """The baseline: every distillation weight 0 and the settings only distillation reads at
+        their defaults, so one baseline (one fingerprint) pairs with students of any distillation
+        settings. The temperature is kept: the transfer diagnostic of a pair uses each one's."""
+        defaults = TrainConfig.__dataclass_fields__
+        return dataclasses.replace(self, kd_weight=0.0, feat_weight=0.0, affinity_weight=0.0,
+                                   **{k: defaults[k].default for k in DISTILL_ONLY_KEYS})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +120,7 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_KEYS}
 
 
+DISTILL_ONLY_KEYS = ("kd_form", "kd_hard_weight", "affinity_form", "affinity_max_points", "feature_layer")
 RESUMABLE_KEYS = ("steps", "epochs", "workers", "log_every", "val_every", "val_max_scans", "checkpoint_every", "val_splits")
 
 

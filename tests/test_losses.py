@@ -398,12 +398,17 @@ def test_trainer_weights_hard_class_points_and_takes_the_class_affinity_on_logit
 
 
 def test_changing_what_the_student_trains_on_changes_its_fingerprint():
+    """...while the baseline, which trains on none of it, keeps one fingerprint."""
     from m2skd.fingerprint import fingerprint_json
     from m2skd.train_config import TrainConfig
 
     base = fingerprint_json(TrainConfig().math_dict())
-    for change in ({"kd_hard_weight": 5.0}, {"affinity_form": "class"}, {"feature_layer": "dec4"}):
+    baseline = fingerprint_json(TrainConfig().no_distill().math_dict())
+    for change in ({"kd_hard_weight": 5.0}, {"affinity_form": "class"}, {"feature_layer": "dec4"}, {"kd_form": "release"},
+                   {"affinity_max_points": 8}):
         assert fingerprint_json(TrainConfig(**change).math_dict()) != base, change
+        assert fingerprint_json(TrainConfig(**change).no_distill().math_dict()) == baseline, change
+    assert fingerprint_json(TrainConfig(temperature=2.0).no_distill().math_dict()) != baseline
 
 
 def test_no_hard_points_gives_finite_zero_losses():
