@@ -70,6 +70,10 @@ class TrainConfig:
     def distill_enabled(self) -> bool:
         return any(w > 0 for w in (kd_weight_for(self.kd_form, self.kd_weight), self.feat_weight, self.affinity_weight))
 
+    def uses_teacher_features(self) -> bool:
+        """Whether a term compares decoder features (the class-form affinity compares logits)."""
+        return self.feat_weight > 0 or (self.affinity_weight > 0 and self.affinity_form == "instance")
+
     def no_distill(self) -> "TrainConfig":
         """The baseline: every distillation weight 0 and the settings only distillation reads at
         their defaults, so one baseline (one fingerprint) pairs with students of any distillation

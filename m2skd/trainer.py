@@ -220,8 +220,7 @@ def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str
     if now != record.get("teacher_fingerprint"):
         raise StaleInputError(f"{record_path}: made by another teacher than {teacher} holds now (teacher "
                               f"{record.get('teacher_fingerprint')} != {now}); {rerun}")
-    uses_features = cfg.feat_weight > 0 or (cfg.affinity_weight > 0 and cfg.affinity_form == "instance")
-    if uses_features and record.get("feature_layer") != cfg.feature_layer:
+    if cfg.uses_teacher_features() and record.get("feature_layer") != cfg.feature_layer:
         raise StaleInputError(f"{record_path}: holds {record.get('feature_layer')} features but the student distils "
                               f"feature_layer={cfg.feature_layer}; {rerun} --feature-layer {cfg.feature_layer}")
     return record
@@ -388,7 +387,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         net.train()
         return summary
 
-    features = (cfg.feature_layer,) if distill else ()
+    features = (cfg.feature_layer,) if distill and cfg.uses_teacher_features() else ()
     hard_lut = torch.as_tensor(spec.hard_mask, dtype=torch.bool, device=ctx.device)
     net.train()
     t_start = time.perf_counter()
