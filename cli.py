@@ -176,9 +176,12 @@ def stats(data, sequences, jobs, shapes, json_out):
 @click.option("--dask-scheduler", default=None, help="Run shard jobs on this Dask cluster instead.")
 @click.option("--overwrite", is_flag=True, help="Rewrite every shard even if done.")
 @click.option("--verify", is_flag=True, help="Hash every chunk of the existing output (else only where a size or stamp differs).")
+@click.option("--voxel-size", default=None, type=click.FloatRange(min=0, min_open=True), metavar="METRES",
+              help="Also report what fusion adds to hard instances at this voxel size (the training one): points and "
+                   "occupied voxels, fused vs single.")
 @friendly_errors
 def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, frames_per_shard, moving_threshold, dataset, jobs, dask_scheduler, overwrite,
-            verify):
+            verify, voxel_size):
     """Align poses and fuse hard-class instances into Zarr shards + a Parquet manifest."""
     import time
 
@@ -190,7 +193,8 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
     progress = Progress("prepare")
     t0 = time.perf_counter()
     summary = run_prepare(data, run_dir, cfg, jobs=jobs, splits=csv_list(splits), sequences=csv_list(sequences),
-                          overwrite=overwrite, progress=progress, dask_scheduler=dask_scheduler, verify=verify)
+                          overwrite=overwrite, progress=progress, dask_scheduler=dask_scheduler, verify=verify,
+                          voxel_size=voxel_size)
     progress.close()
     elapsed = time.perf_counter() - t0
     summary["seconds"] = elapsed
@@ -270,8 +274,10 @@ def train_student(no_distill, **kwargs):
                    "relative to the point's maximum (m2skd/teacher_cache.py).")
 @click.option("--feature-encoding", type=click.Choice(FEATURE_ENCODINGS), default=DEFAULT_FEATURE_ENCODING, show_default=True)
 @click.option("--splits", default="train", show_default=True)
-@click.option("--feature-layer", type=click.Choice(["dec1", "dec2", "dec3", "dec4"]), default="dec4", show_default=True,
-              help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer).")
+@click.option("--feature-layer", type=click.Choice(["dec1", "dec2", "dec3", "dec4", "dec1_preact", "dec2_preact", "dec3_preact",
+                                                   "dec4_preact"]), default="dec4_preact", show_default=True,
+              help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer; "
+                   "*_preact: before the stage's last ReLU).")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
@@ -308,17 +314,25 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
 @click.option("--device", default=None)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--max-scans", default=None, type=int, help="Evaluate an evenly spaced subset.")
+@click.option("--teacher", default=None, type=click.Path(exists=True), metavar="RUN_DIR|MODEL.PT",
+              help="Also report each checkpoint's transfer to this teacher: KL(teacher || student) x T^2 and argmax "
+                   "agreement at the split's single-scan points (all, hard-class, per instance bucket), from the "
+                   "teacher's cache where it holds the split, else the teacher run on the fused input.")
 @friendly_errors
-def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, backend, device, workers, max_scans):
+def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, backend, device, workers, max_scans, teacher):
     """Official SemanticKITTI metrics for checkpoints side by side; CSV, JSON and PNG reports."""
     from pipeline.evaluate import run_eval
 
     bar = Progress("eval")
     out = run_eval(checkpoints, split, data_root, csv_list(sequences), out_dir, save_labels, backend, device, workers,
-                   max_scans=max_scans, progress=bar)
+                   max_scans=max_scans, progress=bar, teacher=teacher)
     bar.close()
     print_table(out["table"])
     print_instances(out["instances"])
+    if len(out["transfer"]):
+        click.echo("\ntransfer to the teacher (KL x T^2: lower is closer; agreement: same argmax):")
+        click.echo(out["transfer"].drop(columns=["teacher"]).to_string(index=False, float_format=lambda v: f"{v:.3f}",
+                                                                       na_rep="-"))
     click.echo(f"reports in {out['out_dir']}")
 
 
@@ -352,7 +366,10 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
     progress_factory.close()
     click.echo(f"\nm2skd demo: {result['prepare']['scans']} synthetic scans, hard-class points per instance "
                f"{result['prepare']['median_points_per_hard_instance_single']:.0f} (single) -> "
-               f"{result['prepare']['median_points_per_hard_instance_fused']:.0f} (fused, median)\n")
+               f"{result['prepare']['median_points_per_hard_instance_fused']:.0f} (fused, median); fusion adds "
+               f"{result['prepare']['hard_instance_points_gain']:+.0%} points and "
+               f"{result['prepare']['hard_instance_voxel_gain']:+.0%} occupied voxels to hard instances at "
+               f"{result['prepare']['hard_instance_voxel_size']:g} m\n")
     print_table(result["table"])
     print_instances(result["instances"])
     effect = result["effect"]
@@ -411,15 +428,21 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
               help="A demo directory: its data, teacher and cache are reused (made first if missing).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, metavar="S1,S2,...", help="Student seeds, one distilled/baseline pair each.")
 @click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed of the data and the teacher (the demo's --seed).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data and the teachers (the demo's --seed).")
 @click.option("--kd-forms", default="kl", show_default=True, metavar="kl[,release]",
               help="Logit forms to compare, each paired with the same baselines.")
+@click.option("--teachers", default="none,hard,all", show_default=True, metavar="none,hard,all",
+              help="Teachers by their input's fusion (prepare --fusion): hard (the method), none (single scans: plain "
+                   "self-distillation), all (whole scans); each with its own data and cache, all paired with the same "
+                   "baselines and seeds.")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a training config key.")
 @friendly_errors
-def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
-    """Distillation effect over paired seeds: mean, 95% t-interval and per-seed values per class,
-    for hard-class mIoU, mIoU and the sparse-instance buckets. Re-running adds seeds."""
+def study(out_dir, seeds, size, seed, kd_forms, teachers, backend, overrides):
+    """Distillation effect over paired seeds, per teacher (none, hard, all): mean, 95% t-interval and
+    per-seed values for hard-class mIoU, mIoU, the transfer diagnostic (KL to the teacher, agreement),
+    each class and the sparse-instance buckets. Re-running adds what is missing (seeds, forms, teachers)."""
+    from m2skd.fusion import FUSION_MODES
     from m2skd.losses import KD_FORMS
     from m2skd.train_config import parse_overrides
     from pipeline.study import run_study
@@ -432,18 +455,26 @@ def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
     bad = [f for f in forms if f not in KD_FORMS]
     if bad or not seed_list:
         raise click.BadParameter(f"seeds and forms ({', '.join(KD_FORMS)}) needed, got {seeds!r} / {kd_forms!r}")
+    teacher_list = csv_list(teachers) or ()
+    if not teacher_list or any(t not in FUSION_MODES for t in teacher_list):
+        raise click.BadParameter(f"expected some of {', '.join(FUSION_MODES)}, got {teachers!r}", param_hint="--teachers")
     progress_factory = StageBars()
 
     result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, kd_forms=forms,
                        overrides=parse_overrides(overrides), on_stage=lambda name: click.echo(f"== {name}", err=True),
-                       progress_factory=progress_factory)
+                       progress_factory=progress_factory, teachers=teacher_list)
     progress_factory.close()
     table = result["table"]
-    shown = table[(table["group"] == "summary") | ((table["group"] == "class IoU") & table["hard"])
+    shown = table[table["group"].isin(["summary", "transfer"]) & ~table["metric"].str.contains(" ")
+                  | ((table["group"] == "class IoU") & table["hard"])
                   | (table["group"].str.startswith("instances") & table["metric"].str.endswith("hit rate"))]
-    click.echo(f"\ndistillation effect over seeds {', '.join(map(str, result['seeds']))} (distilled - baseline):")
-    click.echo(shown.drop(columns=["hard"]).to_string(index=False, float_format=lambda v: f"{v:+.3f}", na_rep="-"))
-    click.echo(f"\nall classes and instance buckets in {result['out_dir']}/study.csv; {result['seconds']:.0f} s")
+    click.echo(f"\ndistillation effect over seeds {', '.join(map(str, result['seeds']))} (distilled - baseline; "
+               f"kl_*: KL(teacher || student) x T^2, lower is closer):")
+    seed_columns = [c for c in table.columns if c.startswith("seed ")]
+    click.echo(shown.drop(columns=["hard"] + seed_columns).to_string(index=False, float_format=lambda v: f"{v:+.3f}",
+                                                                     na_rep="-"))
+    click.echo(f"\nper-seed values, every class, instance and transfer bucket in {result['out_dir']}/study.csv; "
+               f"{result['seconds']:.0f} s")
 
 
 def print_instances(table) -> None:

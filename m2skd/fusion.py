@@ -264,3 +264,32 @@ def icp_refine(source: np.ndarray, target: np.ndarray, cfg: FusionConfig) -> tup
     shift = np.linalg.norm(moved.mean(0) - src.mean(0))
     ok = final < initial and angle <= cfg.icp_max_rotation_deg and shift <= cfg.icp_max_correction_m
     return (T, True) if ok else (np.eye(4), False)
+
+
+def instance_occupancy(xyz: np.ndarray, keys: np.ndarray, n_single: int, voxel_size: float) -> dict[str, np.ndarray]:
+    """Points and occupied voxels of each hard instance of a scan, single vs fused.
+
+    Fusion teaches the teacher something only where fused points reach voxels the single scan
+    leaves empty, so more points are not enough: this counts distinct voxels (floor(xyz / v),
+    as training voxelises) per instance. xyz (N, 3) of the fused scan (the single scan's
+    n_single points first, in its own frame); keys (N,) int, 0 outside hard-class instances,
+    else one id per instance (e.g. instance_keys). Instances are those of the single scan;
+    fused points of other keys are not counted. Returns arrays over the instances: key,
+    points_single, points_fused, voxels_single, voxels_fused (fused counts include the single
+    scan's)."""
+    keys = np.asarray(keys, np.int64).reshape(-1)
+    uniq = np.unique(keys[:n_single][keys[:n_single] > 0])
+    inside = np.flatnonzero(np.isin(keys, uniq) & (keys > 0))
+    inst = np.searchsorted(uniq, keys[inside])
+    single = inside < n_single
+    vox = np.floor(np.asarray(xyz, np.float64)[inside, :3] / voxel_size).astype(np.int64)
+    rows = np.column_stack([inst, vox])
+
+    def counts(sel):
+        occupied = np.unique(rows[sel], axis=0)
+        return (np.bincount(inst[sel], minlength=len(uniq)), np.bincount(occupied[:, 0], minlength=len(uniq)))
+
+    points_single, voxels_single = counts(single)
+    points_fused, voxels_fused = counts(np.ones(len(inside), bool))
+    return {"key": uniq, "points_single": points_single, "points_fused": points_fused,
+            "voxels_single": voxels_single, "voxels_fused": voxels_fused}

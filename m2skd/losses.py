@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "AFFINITY_FORMS",
     "DEFAULT_DISTILL_CONFIG",
     "FeatureAdapter",
     "affinity_distillation",
@@ -22,6 +23,7 @@ __all__ = [
     "KD_FORM_WEIGHTS",
     "distillation_loss",
     "feature_distillation",
+    "kd_point_weights",
     "kd_weight_for",
     "logit_distillation",
     "lovasz_softmax",
@@ -42,7 +44,21 @@ __all__ = [
 # release's 5 for its own term; 0.0225 for KL x T^2, a measured choice on the demo's training
 # drives (README), not a gradient equivalence. The release's feature term is present but
 # weighted 0; its affinity term has weight 1.
+#
+# Hard-class points are a small minority of a scan (0.5% in SemanticKITTI), so a plain mean
+# over points lets the easy classes decide the logit term. `kd_hard_weight` (lambda) weights
+# them: mean = sum_i w_i l_i / sum_i w_i with w_i = lambda on hard-class points, 1 elsewhere;
+# lambda = 1 is the plain mean, and with a share h of hard points they hold
+# lambda h / (lambda h + 1 - h) of it. Normalising by the weights keeps the term's scale (and
+# so kd_weight's meaning) whatever the batch's hard share.
+#
+# The affinity term comes in two forms (`affinity_form`):
+#   "instance" per hard-class instance, on the student's and teacher's features of
+#             `feature_layer` (take a `<stage>_preact` layer: after the ReLU all similarities
+#             are near 1 and the term carries almost nothing);
+#   "class"    the authors' release: pooled per (scan, hard class), on the logits.
 KD_FORMS = ("kl", "release")
+AFFINITY_FORMS = ("instance", "class")
 KD_FORM_WEIGHTS: dict = {"kl": 0.0225, "release": 5.0}
 RELEASE_DROP_BELOW = 0.01
 DEFAULT_DISTILL_CONFIG: dict = {
@@ -52,7 +68,8 @@ DEFAULT_DISTILL_CONFIG: dict = {
     "feat_weight": 0.0,
     "affinity_weight": 1.0,
     "max_points_per_instance": 64,
-    "affinity_mode": "instance",
+    "affinity_form": "instance",
+    "kd_hard_weight": 1.0,
 }
 
 
@@ -61,6 +78,14 @@ def kd_weight_for(kd_form: str, kd_weight: float | None = None) -> float:
     if kd_form not in KD_FORMS:
         raise ValueError(f"unknown kd_form {kd_form!r} (use one of {KD_FORMS})")
     return float(KD_FORM_WEIGHTS[kd_form] if kd_weight is None else kd_weight)
+
+
+def kd_point_weights(hard_points: torch.Tensor, hard_weight: float) -> torch.Tensor:
+    """Per-point weights of the logit term's mean: `hard_weight` on hard-class points, 1 elsewhere."""
+    if not hard_weight >= 0:
+        raise ValueError(f"kd_hard_weight must be >= 0, got {hard_weight!r}")
+    hard = hard_points.to(torch.bool)
+    return torch.where(hard, torch.full(hard.shape, float(hard_weight), device=hard.device), torch.ones(hard.shape, device=hard.device))
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -318,13 +343,14 @@ def affinity_distillation(
     instance and must already be unique across the batch (combine batch index and instance
     id). Each instance is subsampled to at most `max_points_per_instance` points (None: no
     subsampling), so the cost is linear in scan size. The per-instance value is the mean of
-    |S_s - S_t| over its full n x n matrix (diagonal included); every instance has weight 1,
-    so a single-point instance contributes 0 (its 1x1 matrices are both 1).
+    |S_s - S_t| over its full n x n matrix (diagonal included); every instance of at least two
+    points has weight 1. A single-point instance is left out of the mean: its 1x1 matrices are
+    both 1, so it has no similarity structure to teach and would only dilute the term.
 
     mode="class" (the authors' release): same, but the points with instance_ids > 0 are
     grouped by `class_ids` (N,) instead; pass batch-unique class keys (e.g.
     batch_index * num_classes + class) to pool per scan rather than per batch.
-    Zero (graph intact) when there is no group.
+    Zero (graph intact) when there is no group of at least two points.
     """
     if student_feats.shape[0] != teacher_feats.shape[0] or student_feats.dim() != 2:
         raise ValueError("affinity_distillation expects (N, Ds) and (N, Dt) features")
@@ -364,7 +390,10 @@ def affinity_distillation(
     valid[g, slot] = True
     pair = (valid[:, :, None] & valid[:, None, :]).to(sim_s.dtype)
     per_group = ((sim_s - sim_t).abs() * pair).sum(dim=(1, 2)) / counts.to(sim_s.dtype) ** 2
-    return per_group.mean()
+    structured = counts >= 2
+    if not bool(structured.any()):
+        return _zero(student_feats)
+    return per_group[structured].mean()
 
 
 def distillation_loss(
@@ -379,12 +408,17 @@ def distillation_loss(
     logit_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     adapter: nn.Module | None = None,
+    hard_points: torch.Tensor | None = None,
+    feat_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the distillation terms; config keys as in DEFAULT_DISTILL_CONFIG.
 
     The one place the terms are combined (the trainer calls it). Logits cover every point;
-    `student_feats`/`teacher_feats`/`instance_ids`/`hard_mask` cover the (hard-class) points
-    that have teacher features, which may be fewer. The feature term compares
+    `student_feats`/`teacher_feats`/`instance_ids`/`hard_mask`/`class_ids` cover the
+    (hard-class) points that have teacher features, which may be fewer: `feat_index` gives
+    their rows in the logits (needed by affinity_form="class", which compares logits there).
+    The logit term's mean weights `hard_points` (N,) by kd_hard_weight (see the note on
+    KD_FORMS); `logit_mask` (N,) restricts it further. The feature term compares
     `adapter(student_feats)` (identity without an adapter) to the teacher on `hard_mask`
     (None: every given point); the affinity term uses the student's own features, as cosine
     similarities need no common width. A term whose weight is 0, or whose inputs are missing,
@@ -392,23 +426,36 @@ def distillation_loss(
     parts detached for logging.
     """
     cfg = {**DEFAULT_DISTILL_CONFIG, **(config or {})}
+    if cfg["affinity_form"] not in AFFINITY_FORMS:
+        raise ValueError(f"unknown affinity_form {cfg['affinity_form']!r} (use one of {AFFINITY_FORMS})")
     kd_weight = kd_weight_for(cfg["kd_form"], cfg["kd_weight"])
     zero = _zero(student_logits)
     parts = {"kd": zero, "feat": zero, "affinity": zero}
     total = zero
     if kd_weight:
+        mask = logit_mask
+        if hard_points is not None and float(cfg["kd_hard_weight"]) != 1.0:
+            weights = kd_point_weights(hard_points, cfg["kd_hard_weight"]).to(student_logits.device)
+            mask = weights if mask is None else weights * mask.to(weights.device, weights.dtype)
         parts["kd"] = logit_distillation(student_logits, teacher_logits, temperature=cfg["temperature"],
-                                         mask=logit_mask, form=cfg["kd_form"])
+                                         mask=mask, form=cfg["kd_form"])
         total = total + kd_weight * parts["kd"]
     have_feats = student_feats is not None and teacher_feats is not None
     if cfg["feat_weight"] and have_feats:
         adapted = adapter(student_feats) if adapter is not None else student_feats
         parts["feat"] = feature_distillation(adapted, teacher_feats, hard_mask)
         total = total + cfg["feat_weight"] * parts["feat"]
-    if cfg["affinity_weight"] and have_feats and instance_ids is not None:
-        parts["affinity"] = affinity_distillation(
-            student_feats, teacher_feats, instance_ids,
-            max_points_per_instance=cfg["max_points_per_instance"], generator=generator,
-            mode=cfg["affinity_mode"], class_ids=class_ids)
+    if cfg["affinity_weight"] and instance_ids is not None:
+        if cfg["affinity_form"] == "class":
+            if feat_index is None or class_ids is None:
+                raise ValueError("affinity_form='class' needs feat_index and class_ids")
+            parts["affinity"] = affinity_distillation(
+                student_logits[feat_index], teacher_logits[feat_index], instance_ids,
+                max_points_per_instance=cfg["max_points_per_instance"], generator=generator,
+                mode="class", class_ids=class_ids)
+        elif have_feats:
+            parts["affinity"] = affinity_distillation(
+                student_feats, teacher_feats, instance_ids,
+                max_points_per_instance=cfg["max_points_per_instance"], generator=generator)
         total = total + cfg["affinity_weight"] * parts["affinity"]
     return total, {k: v.detach() for k, v in parts.items()}

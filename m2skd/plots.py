@@ -84,7 +84,7 @@ def instance_plot(results: dict[str, dict], path) -> None:
 def effect_plot(by_form: dict[str, dict], path, title: str = "") -> None:
     """Paired effects (distilled - baseline): mean as a dot, its 95% interval as a bar, seeds as ticks.
     Left: hard-class mIoU, mIoU and every class (hard classes shaded, names in red); right: the
-    instance buckets' hit rate. One colour per logit form."""
+    instance buckets' hit rate. One colour per key of `by_form` (its legend label)."""
     first = next(iter(by_form.values()))
     rows = [("hard_miou", "hard-class mIoU", True), ("miou", "mIoU", False)]
     rows += [(name, name, e["hard"]) for name, e in first["per_class"].items()]
@@ -108,9 +108,9 @@ def effect_plot(by_form: dict[str, dict], path, title: str = "") -> None:
     for k, (form, eff) in enumerate(by_form.items()):
         colour = colours(k)
         left = [eff[key] if key in ("hard_miou", "miou") else eff["per_class"][key] for key, _, _ in rows]
-        draw(axes[0], left, np.arange(len(rows)) + offsets[k], colour, f"kd_form={form}")
+        draw(axes[0], left, np.arange(len(rows)) + offsets[k], colour, str(form))
         right = [eff["instances"][g][b]["hit_rate"] for g, b in inst_rows]
-        draw(axes[1], right, np.arange(len(inst_rows)) + offsets[k], colour, f"kd_form={form}")
+        draw(axes[1], right, np.arange(len(inst_rows)) + offsets[k], colour, str(form))
     for j, (_, _, hard) in enumerate(rows):
         if hard:
             axes[0].axhspan(j - 0.45, j + 0.45, color="0.92", zorder=0)

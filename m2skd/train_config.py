@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from .errors import M2SKDError
-from .losses import DEFAULT_DISTILL_CONFIG, kd_weight_for
+from .losses import AFFINITY_FORMS, DEFAULT_DISTILL_CONFIG, KD_FORMS, kd_weight_for
+from .models import FEATURE_NAMES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -59,14 +60,27 @@ class TrainConfig:
     feat_weight: float = DEFAULT_DISTILL_CONFIG["feat_weight"]
     affinity_weight: float = DEFAULT_DISTILL_CONFIG["affinity_weight"]
     affinity_max_points: int = DEFAULT_DISTILL_CONFIG["max_points_per_instance"]
-    affinity_mode: str = DEFAULT_DISTILL_CONFIG["affinity_mode"]  # instance | class
-    feature_layer: str = "dec4"
+    kd_hard_weight: float = DEFAULT_DISTILL_CONFIG["kd_hard_weight"]  # weight of hard-class points in the logit term's mean
+    # instance: per hard instance on feature_layer's features; class: the release's, per class on the logits
+    affinity_form: str = DEFAULT_DISTILL_CONFIG["affinity_form"]
+    # the decoder features the feature and affinity terms compare; *_preact: before the stage's last
+    # ReLU, where the features have sign (post-ReLU similarities within an instance are all near 1)
+    feature_layer: str = "dec4_preact"
 
     def distill_enabled(self) -> bool:
         return any(w > 0 for w in (kd_weight_for(self.kd_form, self.kd_weight), self.feat_weight, self.affinity_weight))
 
+    def uses_teacher_features(self) -> bool:
+        """Whether a term compares decoder features (the class-form affinity compares logits)."""
+        return self.feat_weight > 0 or (self.affinity_weight > 0 and self.affinity_form == "instance")
+
     def no_distill(self) -> "TrainConfig":
-        return dataclasses.replace(self, kd_weight=0.0, feat_weight=0.0, affinity_weight=0.0)
+        """The baseline: every distillation weight 0 and the settings only distillation reads at
+        their defaults, so one baseline (one fingerprint) pairs with students of any distillation
+        settings. The temperature is kept: the transfer diagnostic of a pair uses each one's."""
+        defaults = TrainConfig.__dataclass_fields__
+        return dataclasses.replace(self, kd_weight=0.0, feat_weight=0.0, affinity_weight=0.0,
+                                   **{k: defaults[k].default for k in DISTILL_ONLY_KEYS})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +98,8 @@ class TrainConfig:
         for key, value in positive.items():
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
-        for key in ("workers", "val_every", "weight_decay", "grad_clip", "lovasz_weight", "feat_weight", "affinity_weight"):
+        for key in ("workers", "val_every", "weight_decay", "grad_clip", "lovasz_weight", "feat_weight", "affinity_weight",
+                    "kd_hard_weight"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ConfigError(f"{key} must be >= 0, got {value!r}")
@@ -95,7 +110,7 @@ class TrainConfig:
         if self.val_max_scans is not None and self.val_max_scans < 1:
             raise ConfigError(f"val_max_scans must be >= 1 or none, got {self.val_max_scans!r}")
         choices = {"amp": ("none", "bf16", "fp16"), "backend": ("auto", "torch", "minkowski"), "depth": (18, 34),
-                   "feature_layer": ("dec1", "dec2", "dec3", "dec4")}
+                   "feature_layer": FEATURE_NAMES, "kd_form": KD_FORMS, "affinity_form": AFFINITY_FORMS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -109,6 +124,7 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_KEYS}
 
 
+DISTILL_ONLY_KEYS = ("kd_form", "kd_hard_weight", "affinity_form", "affinity_max_points", "feature_layer")
 RESUMABLE_KEYS = ("steps", "epochs", "workers", "log_every", "val_every", "val_max_scans", "checkpoint_every", "val_splits")
 
 

@@ -224,7 +224,7 @@ def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str
     if now != record.get("teacher_fingerprint"):
         raise StaleInputError(f"{record_path}: made by another teacher than {teacher} holds now (teacher "
                               f"{record.get('teacher_fingerprint')} != {now}); {rerun}")
-    if (cfg.feat_weight > 0 or cfg.affinity_weight > 0) and record.get("feature_layer") != cfg.feature_layer:
+    if cfg.uses_teacher_features() and record.get("feature_layer") != cfg.feature_layer:
         raise StaleInputError(f"{record_path}: holds {record.get('feature_layer')} features but the student distils "
                               f"feature_layer={cfg.feature_layer}; {rerun} --feature-layer {cfg.feature_layer}")
     return record
@@ -391,7 +391,8 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         net.train()
         return summary
 
-    features = (cfg.feature_layer,) if distill else ()
+    features = (cfg.feature_layer,) if distill and cfg.uses_teacher_features() else ()
+    hard_lut = torch.as_tensor(spec.hard_mask, dtype=torch.bool, device=ctx.device)
     net.train()
     t_start = time.perf_counter()
     step = start_step
@@ -399,7 +400,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         batch = to_device(batch, ctx.device)
         logs = training_step(net, batch, cfg, optimizer, scheduler, scaler, student.parameters(), ctx.device,
                              distill, adapter, seed=cfg.seed * 1_000_003 + step,
-                             features=features, class_weights=class_weights)
+                             features=features, class_weights=class_weights, hard_lut=hard_lut)
         step += 1
         if writer and (step % cfg.log_every == 0 or step == total_steps):
             for key, value in logs.items():
@@ -444,7 +445,7 @@ def check_resumable(path, old: dict, new: dict, allow_world_size_change: bool) -
 
 
 def training_step(net, batch: dict, cfg: TrainConfig, optimizer, scheduler, scaler, params, device, distill: bool = False,
-                  adapter=None, seed: int = 0, features=(), class_weights=None) -> dict:
+                  adapter=None, seed: int = 0, features=(), class_weights=None, hard_lut=None) -> dict:
     """One optimisation step; with `distill` (a student with a teacher cache in the batch) the
     distillation terms are added. Returns the loss terms as floats for logging."""
     params = list(params)
@@ -454,7 +455,7 @@ def training_step(net, batch: dict, cfg: TrainConfig, optimizer, scheduler, scal
     total, seg_parts = segmentation_loss(logits, batch["label"], lovasz_weight=cfg.lovasz_weight, class_weights=class_weights)
     logs = {"ce": seg_parts["ce"], "lovasz": seg_parts["lovasz"]}
     if distill:
-        total = total + distill_terms(cfg, out, batch, adapter, logs, seed)
+        total = total + distill_terms(cfg, out, batch, adapter, logs, seed, hard_lut)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.unscale_(optimizer)
@@ -467,19 +468,24 @@ def training_step(net, batch: dict, cfg: TrainConfig, optimizer, scheduler, scal
             "lr": optimizer.param_groups[0]["lr"]}
 
 
-def distill_terms(cfg: TrainConfig, out, batch: dict, adapter, logs: dict, seed: int) -> torch.Tensor:
-    """KD on every point; feature and affinity terms on the hard-class points the cache holds,
-    combined by losses.distillation_loss (the single place the weights are applied)."""
+def distill_terms(cfg: TrainConfig, out, batch: dict, adapter, logs: dict, seed: int, hard_lut=None) -> torch.Tensor:
+    """KD on every point (hard-class points weighted by kd_hard_weight); feature and affinity
+    terms on the hard-class points the cache holds, combined by losses.distillation_loss (the
+    single place the weights are applied). Every setting comes from `cfg`.
+
+    hard_lut (C,) bool marks the hard classes; without it, points of a hard-class instance."""
     idx = batch["teacher_feat_index"]
-    student_feats = out.features[cfg.feature_layer][idx].float()
-    generator = torch.Generator(device=student_feats.device).manual_seed(seed)
+    student_feats = out.features[cfg.feature_layer][idx].float() if cfg.feature_layer in out.features else None
+    generator = torch.Generator(device=out.logits.device).manual_seed(seed)
     instance = batch["instance"][idx]
-    class_ids = batch["label"][idx] + (instance >> 24) * 64  # per scan, for affinity_mode=class
+    class_ids = batch["label"][idx] + (instance >> 24) * 64  # per scan, for affinity_form=class
+    hard_points = hard_lut[batch["label"]] if hard_lut is not None else batch["instance"] > 0
     config = {"kd_form": cfg.kd_form, "kd_weight": cfg.kd_weight, "temperature": cfg.temperature,
               "feat_weight": cfg.feat_weight, "affinity_weight": cfg.affinity_weight,
-              "max_points_per_instance": cfg.affinity_max_points, "affinity_mode": cfg.affinity_mode}
+              "max_points_per_instance": cfg.affinity_max_points, "affinity_form": cfg.affinity_form,
+              "kd_hard_weight": cfg.kd_hard_weight}
     total, parts = distillation_loss(out.logits.float(), batch["teacher_logits"], student_feats, batch["teacher_feats"],
                                      instance_ids=instance, config=config, class_ids=class_ids, generator=generator,
-                                     adapter=adapter)
+                                     adapter=adapter, hard_points=hard_points, feat_index=idx)
     logs.update(parts)
     return total

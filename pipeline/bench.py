@@ -152,7 +152,7 @@ def bench_encodings(run: Path, teacher_ckpt: str, scans: int, temperature: float
     logits, feats = [], []
     for _, row in rows.iterrows():
         data = RaggedReader(RunDir(run).prepare / row["shard"]).read(int(row["shard_index"]))
-        lg, ft = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], "dec4", "cpu")
+        lg, ft = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], CacheConfig.feature_layer, "cpu")
         n = int(row["n_single"])
         raw = data["label"][:n]
         hard = spec.hard_instance_points(raw)

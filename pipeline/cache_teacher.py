@@ -36,7 +36,7 @@ CACHE_COMPRESSION = {"logit_codes": {"clevel": CODES_CLEVEL, "shuffle": "noshuff
 class CacheConfig:
     logit_encoding: str = DEFAULT_LOGIT_ENCODING
     feature_encoding: str = DEFAULT_FEATURE_ENCODING
-    feature_layer: str = "dec4"
+    feature_layer: str = "dec4_preact"  # the student's default (TrainConfig.feature_layer)
     splits: tuple[str, ...] = ("train",)
     backend: str = "auto"
     device: str | None = None  # None: cuda when available, else cpu
@@ -49,16 +49,16 @@ class CacheConfig:
             raise ValueError(f"threads_per_job must be >= 1, got {self.threads_per_job}")
 
 
-def teacher_outputs(model, points: np.ndarray, voxel_size: float, layer: str, device) -> tuple[np.ndarray, np.ndarray]:
-    """Per-point (logits, features) of one scan, fp32, in input order."""
+def teacher_outputs(model, points: np.ndarray, voxel_size: float, layer: str | None, device) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-point (logits, features) of one scan, fp32, in input order; features None without `layer`."""
     if len(points) == 0:  # an empty scan: no points, no targets (backends fail on zero sites)
-        channels = model.feature_channels[layer]
-        return np.zeros((0, model.num_classes), np.float32), np.zeros((0, channels), np.float32)
+        channels = model.feature_channels[layer] if layer else 0
+        return np.zeros((0, model.num_classes), np.float32), np.zeros((0, channels), np.float32) if layer else None
     coords = np.concatenate([np.zeros((len(points), 1), np.int32), voxel_coords(points[:, :3], voxel_size)], axis=1)
     feats = points.astype(np.float32)
     with torch.no_grad():
-        out = model(torch.from_numpy(coords).to(device), torch.from_numpy(feats).to(device), features=(layer,))
-    return out.logits.float().cpu().numpy(), out.features[layer].float().cpu().numpy()
+        out = model(torch.from_numpy(coords).to(device), torch.from_numpy(feats).to(device), features=(layer,) if layer else ())
+    return out.logits.float().cpu().numpy(), out.features[layer].float().cpu().numpy() if layer else None
 
 
 def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig, attrs: dict) -> dict:

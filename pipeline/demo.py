@@ -81,13 +81,13 @@ def train_or_resume(run, role: str, name: str, config, callback=None) -> str:
     return train(run, role, config, name=name, overwrite=True, callback=callback)["checkpoint"]
 
 
-def train_student(task) -> tuple[str, str]:
+def train_student(task) -> tuple[tuple[str, str], str]:
     """One student run with `threads` torch threads. Students run side by side, one thread each
     on 2 cores: the sparse ops scale poorly across threads, so two 1-thread runs finish in 0.6x
     the time of the same two runs one after the other."""
     run, name, config, threads = task
     torch.set_num_threads(threads)
-    return name, train_or_resume(run, "student", name, config)
+    return (run, name), train_or_resume(run, "student", name, config)
 
 
 def distillation_effect(table, pairs: list[tuple[str, str]]) -> dict:
@@ -97,14 +97,21 @@ def distillation_effect(table, pairs: list[tuple[str, str]]) -> dict:
             for metric in ("hard_miou", "miou")}
 
 
+def run_dir_for(out_dir, fusion: str = "hard") -> Path:
+    """OUT/run holds the method's (hard-fused) data and teacher, and the baselines; a control
+    teacher of another fusion mode has its own prepared data and cache in OUT/run-<fusion>."""
+    return Path(out_dir) / ("run" if fusion == "hard" else f"run-{fusion}")
+
+
 def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "auto", overrides: dict | None = None,
-                 on_stage=None, progress_factory=None) -> dict:
+                 on_stage=None, progress_factory=None, fusion: str = "hard") -> dict:
     """What every student of a demo (or a study) shares: synthetic data, prepared shards, the
     teacher and its cache, each made only if missing. Returns paths, summaries and the base
-    training overrides the students use."""
+    training overrides the students use. `fusion` picks the teacher's input (prepare's
+    --fusion), in its own run directory (run_dir_for); the synthetic data is shared."""
     s = SIZES[size]
     out = Path(out_dir)
-    data, run = out / "data", out / "run"
+    data, run = out / "data", run_dir_for(out, fusion)
     announce = on_stage or (lambda name: None)
     bar = progress_factory or (lambda name: None)
 
@@ -115,18 +122,23 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
             generate_dataset(data, sequences=sequences, frames=frames, seed=seed,
                              config=SynthConfig(beams=s.beams, azimuth_steps=s.azimuth_steps), jobs=s.jobs,
                              progress=(lambda n=1: p(advance=n)) if p else None)
-    announce("prepare")
-    prep = run_prepare(data, run, PrepareConfig(FusionConfig(), frames_per_shard=10), jobs=s.jobs, progress=bar("prepare"))
-
     base = {"backend": backend, **(overrides or {})}
-    announce("train teacher")
+    announce("prepare" if fusion == "hard" else f"prepare (fusion {fusion})")
+    voxel_size = load_config(s.config, base).voxel_size  # the gain fusion gives hard instances at the training voxels
+    prep = run_prepare(data, run, PrepareConfig(FusionConfig(mode=fusion), frames_per_shard=10), jobs=s.jobs, progress=bar("prepare"),
+                       voxel_size=voxel_size)
+
+    announce("train teacher" if fusion == "hard" else f"train teacher (fusion {fusion})")
     p = None if final_model(run, "teacher").exists() else bar("train teacher")
     teacher = train_or_resume(
         run, "teacher", "teacher", load_config(s.config, {"steps": s.teacher_steps, "seed": seed, **base}),
         callback=(lambda step, total, logs: p(total=total, done=None, set_to=step, postfix=logs)) if p else None)
     announce("cache-teacher")
-    cache = run_cache(run, teacher, CacheConfig(backend=backend), jobs=s.jobs, progress=bar("cache-teacher"))
-    return {"size": s, "data": data, "run": run, "prepare": prep, "cache": cache, "teacher": teacher, "base": base}
+    # val too: the transfer diagnostic reads the teacher's val targets once instead of re-running it per checkpoint
+    cache = run_cache(run, teacher, CacheConfig(backend=backend, splits=("train", "val")), jobs=s.jobs,
+                      progress=bar("cache-teacher"))
+    return {"size": s, "data": data, "run": run, "prepare": prep, "cache": cache, "teacher": teacher, "base": base,
+            "fusion": fusion}
 
 
 def plan_students(shared: dict, student_seeds, demo_seed: int, kd_forms=(None,)) -> tuple[dict, dict]:
@@ -148,29 +160,34 @@ def plan_students(shared: dict, student_seeds, demo_seed: int, kd_forms=(None,))
     return pairs, configs
 
 
-def train_students(shared: dict, configs: dict, on_stage=None, progress_factory=None) -> dict:
-    """name -> finished checkpoint for every run in `configs`; the missing ones are trained,
-    `size.jobs` side by side (each resumes if it was interrupted)."""
-    run, s = shared["run"], shared["size"]
+def train_students(shared: dict, configs: dict, on_stage=None, progress_factory=None, where: dict | None = None) -> dict:
+    """label -> finished checkpoint for every run in `configs` (label -> config); the missing
+    ones are trained, `size.jobs` side by side (each resumes if it was interrupted). A label is
+    the run's name in shared["run"] unless `where` maps it to (run directory, name)."""
+    s = shared["size"]
+    where = where or {}
     announce = on_stage or (lambda name: None)
     bar = progress_factory or (lambda name: None)
-    trained, todo = {}, []
-    for name, config in configs.items():
+    trained, todo, labels = {}, [], {}
+    for label, config in configs.items():
+        run, name = where.get(label, (shared["run"], label))
         done = current_model(run, name, "student", config)
         if done:
-            trained[name] = done
+            trained[label] = done
         else:
             todo.append((str(run), name, config))
+            labels[(str(run), name)] = label
     if todo:
         jobs = min(s.jobs, len(todo))
-        announce(f"train {', '.join(name for _, name, _ in todo)} ({jobs} at a time)")
+        announce(f"train {', '.join(labels[(r, n)] for r, n, _ in todo)} ({jobs} at a time)")
         p = bar("train students")
         if p:
             p(total=len(todo))
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        for name, checkpoint in run_tasks(train_student, [(*t, threads) for t in todo], jobs,
-                                          on_done=(lambda task, result: p(advance=1)) if p else None):
-            trained[name] = checkpoint
+        tasks = [(*t, threads) for t in todo]
+        results = run_tasks(train_student, tasks, jobs, on_done=(lambda task, result: p(advance=1)) if p else None)
+        for key, checkpoint in results:
+            trained[labels[key]] = checkpoint
     return trained
 
 

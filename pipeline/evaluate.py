@@ -1,5 +1,6 @@
 """`m2skd eval`: official SemanticKITTI metrics for one or more checkpoints on raw sequences at
-full resolution, side by side; CSV/JSON tables, PNG plots, optional `.label` predictions."""
+full resolution, side by side; CSV/JSON tables, PNG plots, optional `.label` predictions.
+Given a teacher, also the transfer diagnostic (m2skd.transfer) of each checkpoint to it."""
 from __future__ import annotations
 
 import time
@@ -11,16 +12,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from m2skd import semantickitti as sk
-from m2skd.dataset import RawScanDataset, collate
+from m2skd.dataset import RawScanDataset, collate, instance_key
 from m2skd.dataset_spec import load_spec
-from m2skd.errors import StaleInputError
+from m2skd.errors import DataError, StaleInputError
 from m2skd.inference import evaluate
 from m2skd.instances import InstanceAccumulator
+from m2skd.manifest import read_manifest
 from m2skd.metrics import summarize
+from m2skd.ragged import RaggedReader
+from m2skd.teacher_cache import decode_logits
+from m2skd.transfer import TransferAccumulator
 from m2skd.plots import confusion_plot, instance_plot, iou_bars
 from m2skd.atomic import read_json, write_json_atomic
 from m2skd.rundir import RunDir
-from m2skd.trainer import load_checkpoint, resolve_device, spec_for_run
+from m2skd.trainer import file_fingerprint, load_checkpoint, resolve_device, spec_for_run
+
+from .cache_teacher import teacher_outputs
 
 
 def checkpoint_label(path: Path) -> str:
@@ -38,8 +45,18 @@ def resolve_data(checkpoint: Path, data_root=None) -> str:
     raise StaleInputError(f"{checkpoint}: cannot tell which dataset it belongs to; pass --data")
 
 
+def evenly_spaced(n: int, max_scans: int | None) -> np.ndarray:
+    """Indices of the scans an evaluation limited to `max_scans` of `n` looks at (every k-th)."""
+    index = np.arange(n)
+    if max_scans and max_scans < n:
+        index = index[:: max(1, n // max_scans)][:max_scans]
+    return index
+
+
 def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=None, save_labels=None, backend="auto",
-             device=None, workers=2, batch_size=1, max_scans=None, progress=None) -> dict:
+             device=None, workers=2, batch_size=1, max_scans=None, progress=None, teacher=None) -> dict:
+    """Metrics of each checkpoint; with `teacher` (a teacher model.pt in its run directory) also
+    each one's transfer diagnostic to it on the same scans (`transfer_diagnostic`)."""
     checkpoints = [Path(c) for c in checkpoints]
     device = resolve_device(device)
     data_root = resolve_data(checkpoints[0], data_root)
@@ -50,8 +67,7 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
         model, ckpt = load_checkpoint(ckpt_path, backend, device, spec=spec)
         seqs = list(sequences) if sequences else [s for s in sk.list_sequences(data_root) if spec.split_of(s) == split]
         dataset = RawScanDataset(data_root, seqs, spec, ckpt["config"]["voxel_size"])
-        if max_scans and max_scans < len(dataset):
-            dataset.items = dataset.items[:: max(1, len(dataset.items) // max_scans)][:max_scans]
+        dataset.items = [dataset.items[i] for i in evenly_spaced(len(dataset.items), max_scans)]
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
         label = checkpoint_label(ckpt_path)
         if progress:
@@ -76,6 +92,9 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
         summary.update(checkpoint=str(ckpt_path), split=split, sequences=seqs, scans=len(dataset), seconds=seconds,
                        points=int(conf.matrix.sum()), points_per_second=float(conf.matrix.sum()) / max(seconds, 1e-9),
                        labelled=labelled, instances=instances.summary() if labelled else None)
+        if teacher is not None and labelled:
+            scans = [(seq.name, int(frame)) for seq, frame in dataset.items]
+            summary["transfer"] = transfer_diagnostic(ckpt_path, teacher, split, scans=scans, backend=backend, device=device)
         results[label] = summary
     out_dir.mkdir(parents=True, exist_ok=True)
     table = comparison_table(results)
@@ -86,9 +105,12 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
     if len(instances):
         instances.to_csv(out_dir / "instances.csv", index=False)
         instance_plot(results, out_dir / "instances.png")
+    transfer = transfer_table(results)
+    if len(transfer):
+        transfer.to_csv(out_dir / "transfer.csv", index=False)
     for label, summary in results.items():
         confusion_plot(np.array(summary["confusion"]), summary["class_names"], out_dir / f"confusion_{label}.png", f"{label}: confusion (row-normalised)")
-    return {"results": results, "table": table, "instances": instances, "out_dir": str(out_dir)}
+    return {"results": results, "table": table, "instances": instances, "transfer": transfer, "out_dir": str(out_dir)}
 
 
 def spec_for_checkpoint(ckpt_path: Path):
@@ -137,4 +159,94 @@ def instance_table(results: dict[str, dict]) -> pd.DataFrame:
                 row[f"{label} recall"] = inst[key][j]["point_recall"]
                 row[f"{label} hit"] = inst[key][j]["hit_rate"]
             rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def teacher_targets(teacher, split: str, backend="auto", device=None):
+    """(run, spec, rows, read(row) -> teacher logits at the row's single-scan points, source).
+
+    `teacher` is a model.pt or a run directory (its teacher/model.pt). The teacher's own run
+    directory (RUN/teacher/model.pt -> RUN) holds the prepared `split`
+    with the fused input the teacher saw. Its cache is read where it holds `split` and was made
+    by this very teacher from these shards (source "cache"); otherwise the teacher is run on the
+    fused input (source "teacher")."""
+    teacher = Path(teacher)
+    if teacher.is_dir():
+        teacher = RunDir(teacher).model_dir("teacher") / "model.pt"
+    run = RunDir(teacher.resolve().parent.parent)
+    if not run.manifest.is_file():
+        raise StaleInputError(f"{teacher}: no prepared data in its run directory {run.root}; prepare it first")
+    spec = spec_for_run(run)
+    manifest, meta = read_manifest(run.manifest)
+    rows = manifest[(manifest["split"] == split) & manifest["has_labels"]].sort_values(["sequence", "frame"])
+    if rows.empty:
+        raise StaleInputError(f"{run.manifest}: no labelled {split} scans; prepare the {split} split")
+    cache_json = run.teacher_cache / "cache.json"
+    record = read_json(cache_json) if cache_json.is_file() else {}
+    if (split in record.get("splits", ()) and record.get("manifest_fingerprint") == meta["content_fingerprint"]
+            and record.get("teacher_fingerprint") == file_fingerprint(teacher)):
+        def read(row):
+            return decode_logits(RaggedReader(run.teacher_cache / row["shard"]).read(int(row["shard_index"])), spec.num_classes)
+        return run, spec, rows, read, "cache"
+    device = resolve_device(device)
+    model, ckpt = load_checkpoint(teacher, backend, device, spec=spec)
+    model.eval()
+
+    def run_teacher(row):
+        points = RaggedReader(run.prepare / row["shard"]).read(int(row["shard_index"]), names=["points"])["points"]
+        return teacher_outputs(model, points, ckpt["config"]["voxel_size"], None, device)[0][: int(row["n_single"])]
+    return run, spec, rows, run_teacher, "teacher"
+
+
+def transfer_diagnostic(checkpoint, teacher, split: str = "val", scans=None, max_scans=None, backend="auto",
+                        device=None) -> dict:
+    """KL(teacher || student) x T^2 and argmax agreement of `checkpoint` to `teacher` at the
+    single-scan points of the prepared `split` in the teacher's run directory (all points,
+    hard-class points, per instance bucket; m2skd.transfer). T is the checkpoint's distillation
+    temperature. `scans` [(sequence, frame number)] picks the scans (eval's), else `max_scans`
+    evenly spaced ones."""
+    run, spec, rows, read_teacher, source = teacher_targets(teacher, split, backend, device)
+    if scans is not None:
+        wanted = pd.MultiIndex.from_tuples([(str(q), int(f)) for q, f in scans])
+        rows = rows[pd.MultiIndex.from_arrays([rows["sequence"].astype(str), rows["frame"].astype(int)]).isin(wanted)]
+        if len(rows) < len(wanted):
+            raise StaleInputError(f"{run.manifest}: {len(wanted) - len(rows)} of the {split} scans evaluated are not "
+                                  f"prepared in the teacher's run directory; prepare them")
+    else:
+        rows = rows.iloc[evenly_spaced(len(rows), max_scans)]
+    device = resolve_device(device)
+    model, ckpt = load_checkpoint(checkpoint, backend, device, spec=spec)
+    model.eval()
+    voxel = ckpt["config"]["voxel_size"]
+    acc = TransferAccumulator(ckpt["config"]["temperature"])
+    for _, row in rows.iterrows():
+        n = int(row["n_single"])
+        if n == 0:
+            continue
+        data = RaggedReader(run.prepare / row["shard"]).read(int(row["shard_index"]), names=["points", "label"],
+                                                             rows=slice(0, n))
+        student = teacher_outputs(model, data["points"], voxel, None, device)[0]
+        target = read_teacher(row)
+        if target.shape != student.shape:
+            raise DataError(run.teacher_cache / row["shard"], f"teacher logits {target.shape} for "
+                            f"{row['sequence']}/{row['frame']} but the scan has {student.shape}; re-run cache-teacher")
+        raw = data["label"]
+        train = spec.learning_lut[raw & 0xFFFF].astype(np.int64)
+        acc.add(student, target, spec.hard_mask[train], instance_key(train, raw >> 16, spec.hard_mask))
+    return {**acc.summary(), "teacher": str(teacher), "source": source, "scans": int(len(rows))}
+
+
+def transfer_table(results: dict[str, dict]) -> pd.DataFrame:
+    """One row per checkpoint with a transfer diagnostic: KL and agreement, all, hard, per bucket."""
+    rows = []
+    for label, s in results.items():
+        t = s.get("transfer")
+        if not t:
+            continue
+        row = {"checkpoint": label, "teacher": t["teacher"], "kl_all": t["all"]["kl"], "kl_hard": t["hard"]["kl"],
+               "agreement_all": t["all"]["agreement"], "agreement_hard": t["hard"]["agreement"]}
+        for b in t["by_points"]:
+            row[f"kl {b['bucket']}"] = b["kl"]
+            row[f"agreement {b['bucket']}"] = b["agreement"]
+        rows.append(row)
     return pd.DataFrame(rows)

@@ -21,11 +21,11 @@ import numpy as np
 
 from m2skd import semantickitti as sk
 from m2skd.dataset_spec import DatasetSpec, load_spec
-from m2skd.atomic import sweep_temporaries, write_json_atomic
+from m2skd.atomic import read_json, sweep_temporaries, write_json_atomic
 from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_bytes, fingerprint_json
-from m2skd.fusion import Frame, FusionConfig, fuse
-from m2skd.manifest import write_manifest
+from m2skd.fusion import Frame, FusionConfig, fuse, instance_keys, instance_occupancy
+from m2skd.manifest import read_manifest, write_manifest
 from m2skd.ragged import RaggedReader, dir_bytes, file_stamp, group_is_current, list_groups, write_ragged
 from m2skd.rundir import RunDir
 
@@ -196,10 +196,54 @@ def manifest_rows(run: RunDir) -> tuple[list[dict], int]:
     return rows, nbytes
 
 
+def shard_occupancy(path, spec: DatasetSpec, voxel_size: float) -> dict[str, np.ndarray]:
+    """instance_occupancy of every hard instance of every labelled scan in one shard, concatenated."""
+    reader = RaggedReader(path)
+    single_count = reader.per_scan("single_count")
+    parts = []
+    for i, row in enumerate(reader.attrs["rows"]):
+        if not row["has_labels"]:
+            continue
+        data = reader.read(i, names=["points", "label"])
+        raw = data["label"]
+        train = spec.learning_lut[raw & 0xFFFF]
+        keys = np.where(spec.hard_mask[train] & ((raw >> 16) > 0), instance_keys(train, raw >> 16), 0)
+        parts.append(instance_occupancy(data["points"][:, :3], keys, int(single_count[i]), voxel_size))
+    names = ("points_single", "points_fused", "voxels_single", "voxels_fused")
+    return {n: np.concatenate([p[n] for p in parts]) if parts else np.zeros(0, np.int64) for n in names}
+
+
+def occupancy_gain(run_dir, voxel_size: float, splits=None, jobs: int = 1) -> dict:
+    """What fusion adds to the hard instances at `voxel_size`: points and occupied voxels, fused
+    vs single, pooled over every hard instance of the prepared labelled scans (of `splits`).
+    A gain is fused / single - 1 (1.0 = +100%); `median_voxel_gain` is per instance."""
+    if not voxel_size > 0:
+        raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
+    run = RunDir(run_dir)
+    record_path = run.prepare / "config.json"
+    if not record_path.is_file():
+        raise StaleInputError(f"{record_path}: no prepared data in {run.root}")
+    config = read_json(record_path)["config"]
+    spec = load_spec(config["dataset"]).with_hard_classes(config["hard_classes"])
+    manifest, _ = read_manifest(run.manifest)
+    if splits:
+        manifest = manifest[manifest["split"].isin(list(splits))]
+    shards = sorted(manifest["shard"].unique())
+    parts = run_tasks(lambda shard: shard_occupancy(run.prepare / shard, spec, voxel_size), shards, jobs)
+    total = {n: int(sum(int(p[n].sum()) for p in parts)) for n in ("points_single", "points_fused", "voxels_single", "voxels_fused")}
+    per_instance = np.concatenate([p["voxels_fused"] / np.maximum(p["voxels_single"], 1) for p in parts] or [np.zeros(0)])
+    return {"voxel_size": float(voxel_size), "hard_instances": int(per_instance.size), **total,
+            "points_gain": total["points_fused"] / max(total["points_single"], 1) - 1.0,
+            "voxel_gain": total["voxels_fused"] / max(total["voxels_single"], 1) - 1.0,
+            "median_voxel_gain": float(np.median(per_instance) - 1.0) if per_instance.size else 0.0}
+
+
 def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=None, sequences=None, overwrite=False, progress=None,
-                dask_scheduler=None, verify=False) -> dict:
+                dask_scheduler=None, verify=False, voxel_size: float | None = None) -> dict:
     """Prepare every planned shard not already done, then rewrite the manifest over all shards.
-    `verify`: hash every chunk of the existing shards (else only where a size or stamp differs)."""
+    `verify`: hash every chunk of the existing shards (else only where a size or stamp differs).
+    With `voxel_size`, the summary adds the occupied-voxel gain fusion gives hard instances
+    there (`occupancy_gain`, over every prepared labelled scan)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     spec = load_spec(cfg.dataset)
@@ -238,4 +282,6 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
         "median_points_per_hard_instance_fused": float(np.median(inst_fused)) if inst_fused.size else 0.0,
         "hard_instances": int(inst_single.size),
         "manifest_fingerprint": df.attrs.get("content_fingerprint"),
+        **({f"hard_instance_{k}": v for k, v in occupancy_gain(run.root, voxel_size, jobs=jobs).items()
+            if k != "hard_instances"} if voxel_size else {}),
     }

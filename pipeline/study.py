@@ -1,15 +1,25 @@
-"""`m2skd study`: the distillation effect over paired seeds, with 95% confidence intervals.
+"""`m2skd study`: the distillation effect over paired seeds, with 95% confidence intervals,
+for each teacher of the paper's controls.
 
-For each seed a distilled student and its baseline are trained on the same data, teacher and
-cache (the demo's: `pipeline.demo` builds or reuses them), and evaluated on the same val scans;
-the effect of a metric is distilled - baseline per seed, reported as its mean, 95% t-interval
-over seeds and per-seed values, for hard-class mIoU, mIoU, each class's IoU and each
-sparse-instance bucket (hit rate, point recall). Several logit forms (`kd_form`) can be
-compared against the same baselines. Re-running with more seeds trains and evaluates only
-what is missing: a finished student, or its evaluation, is never redone.
+Teachers (`teachers`): `hard` (the method: hard-class instances fused), `none` (a single-scan
+teacher: what plain self-distillation gives) and `all` (whole-scan fusion, the paper's
+ablation); only hard - none is the multi-scan contribution. Each teacher has its own prepared
+data and cache (OUT/run for hard, OUT/run-<fusion> for the others; the synthetic data is
+shared) and its distilled students beside it. The baselines (no teacher) are trained once per
+seed, in OUT/run, and paired with every teacher's students: for each seed a distilled student
+and its baseline differ only in the distillation. The effect of a metric is distilled -
+baseline per seed, reported as its mean, 95% t-interval over seeds and per-seed values, for
+hard-class mIoU, mIoU, each class's IoU, each sparse-instance bucket (hit rate, point recall)
+and the transfer diagnostic to that teacher (KL(teacher || student) x T^2 and argmax
+agreement at val single-scan points: hard-class, all, per instance bucket). Several logit forms
+(`kd_form`) can be compared against the same baselines. Re-running with more seeds, forms or
+teachers trains and evaluates only what is missing: a finished student, its evaluation or its
+diagnostic is never redone.
 
-Outputs in RUN/study/: study.json, study.csv (one row per form and metric), study.png, and
-per-checkpoint evaluations in eval/<name>/.
+Outputs in OUT/run/study/: study.json, study.csv (one row per teacher, form and metric:
+teacher, kd_form, group, metric, hard, mean, ci_low, ci_high, n_seeds, one column per seed),
+study.png, per-checkpoint evaluations in eval/<label>/ and diagnostics in transfer/<teacher>/.
+A student of a control teacher is labelled <name>@<fusion> (distilled-s1@none).
 """
 from __future__ import annotations
 
@@ -21,15 +31,30 @@ import pandas as pd
 
 from m2skd.atomic import read_json, write_json_atomic
 from m2skd.errors import StaleInputError
+from m2skd.fusion import FUSION_MODES
+from m2skd.instances import POINT_BUCKETS
 from m2skd.losses import kd_weight_for
 from m2skd.plots import effect_plot
 from m2skd.stats import paired_effect
 
 from .demo import SIZES, build_shared, final_model, plan_students, train_students
-from .evaluate import run_eval
+from .evaluate import run_eval, transfer_diagnostic
 
+TEACHERS = ("none", "hard", "all")
 SUMMARY_METRICS = (("hard_miou", "hard-class mIoU"), ("miou", "mIoU"))
 INSTANCE_RATES = ("hit_rate", "point_recall")
+# the transfer diagnostic's paired effects: metric name -> (part of the summary, value)
+TRANSFER_METRICS = {"kl_hard": ("hard", "kl"), "kl_all": ("all", "kl"), "agreement_hard": ("hard", "agreement"),
+                    "agreement_all": ("all", "agreement")}
+
+
+def student_label(name: str, teacher: str) -> str:
+    """A run's label in the study: its name for the method's teacher, name@fusion for a control's."""
+    return name if teacher == "hard" else f"{name}@{teacher}"
+
+
+def teacher_label(teacher: str) -> str:
+    return student_label("teacher", teacher)
 
 
 def _comparable(config: dict) -> dict:
@@ -61,21 +86,38 @@ def _stamp(path: Path) -> dict:
 
 
 def evaluate_each(run: Path, checkpoints: dict[str, str], data, max_scans, backend: str, progress=None) -> dict:
-    """name -> metrics (as `m2skd eval` writes them) for each checkpoint, evaluated alone into
-    RUN/study/eval/<name>/ and reused while the checkpoint file and the settings are unchanged."""
+    """label -> metrics (as `m2skd eval` writes them) for each checkpoint, evaluated alone into
+    RUN/study/eval/<label>/ and reused while the checkpoint file and the settings are unchanged."""
     results = {}
     for name, ckpt in checkpoints.items():
         out = run / "study" / "eval" / name
         key = {"checkpoint": _stamp(ckpt), "max_scans": max_scans, "split": "val", "data": str(Path(data).resolve())}
         stamp = out / "stamp.json"
         if stamp.is_file() and (out / "metrics.json").is_file() and read_json(stamp) == key:
-            results[name] = read_json(out / "metrics.json")[name]
+            results[name] = next(iter(read_json(out / "metrics.json").values()))
             continue
         report = run_eval([ckpt], split="val", data_root=data, out_dir=out, backend=backend, workers=1,
                           max_scans=max_scans, progress=progress)
-        results[name] = report["results"][name]
+        results[name] = next(iter(report["results"].values()))
         write_json_atomic(stamp, key)
     return results
+
+
+def diagnose_each(run: Path, todo: list[tuple[str, str, str, str]], max_scans, backend: str) -> dict:
+    """teacher -> label -> transfer diagnostic of checkpoint to that teacher on the val scans,
+    for each (label, checkpoint, teacher, teacher checkpoint) of `todo`; kept in
+    RUN/study/transfer/<teacher>/<label>.json and reused while both files are unchanged."""
+    out: dict[str, dict] = {}
+    for label, ckpt, teacher, teacher_ckpt in todo:
+        path = run / "study" / "transfer" / teacher / f"{label}.json"
+        key = {"checkpoint": _stamp(ckpt), "teacher": _stamp(teacher_ckpt), "max_scans": max_scans, "split": "val"}
+        if path.is_file() and read_json(path).get("key") == key:
+            out.setdefault(teacher, {})[label] = read_json(path)["result"]
+            continue
+        result = transfer_diagnostic(ckpt, teacher_ckpt, "val", max_scans=max_scans, backend=backend)
+        write_json_atomic(path, {"key": key, "result": result})
+        out.setdefault(teacher, {})[label] = result
+    return out
 
 
 def _instance_rate(metrics: dict, grouping: str, bucket: str, rate: str):
@@ -86,7 +128,8 @@ def _instance_rate(metrics: dict, grouping: str, bucket: str, rate: str):
 
 
 def effects(metrics: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
-    """Paired effects of one form: summary metrics, per class, per instance bucket."""
+    """Paired effects of one teacher and form: summary metrics, per class, per instance bucket,
+    and, where every checkpoint has a "transfer" diagnostic (to this teacher), its metrics."""
 
     def delta(get):
         out = []
@@ -97,6 +140,13 @@ def effects(metrics: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
 
     first = metrics[pairs[0][0]]
     result = {key: paired_effect(delta(lambda m, k=key: m[k])) for key, _ in SUMMARY_METRICS}
+    if all("transfer" in metrics[name] for pair in pairs for name in pair):
+        result["transfer"] = {key: paired_effect(delta(lambda m, p=part, v=value: m["transfer"][p][v]))
+                              for key, (part, value) in TRANSFER_METRICS.items()}
+        for j, (bucket, _) in enumerate(POINT_BUCKETS):
+            for value in ("kl", "agreement"):
+                result["transfer"][f"{value} {bucket}"] = paired_effect(
+                    delta(lambda m, j=j, v=value: m["transfer"]["by_points"][j][v]))
     result["per_class"] = {}
     for j, pc in enumerate(first["per_class"]):
         result["per_class"][pc["name"]] = {"hard": pc["hard"],
@@ -110,18 +160,21 @@ def effects(metrics: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
     return result
 
 
-def effect_rows(form: str, seeds, eff: dict) -> list[dict]:
-    """Flat rows for the CSV and the terminal: form, group, metric, hard, n, mean, CI, per seed."""
+def effect_rows(teacher: str, form: str, seeds, eff: dict) -> list[dict]:
+    """Flat rows for the CSV and the terminal: teacher, form, group, metric, hard, mean, CI,
+    n_seeds, per seed."""
     rows = []
 
     def add(group, metric, hard, e):
-        row = {"kd_form": form, "group": group, "metric": metric, "hard": hard, "n": e["n"], "mean": e["mean"],
-               "ci_low": e["ci_low"], "ci_high": e["ci_high"]}
+        row = {"teacher": teacher, "kd_form": form, "group": group, "metric": metric, "hard": hard, "mean": e["mean"],
+               "ci_low": e["ci_low"], "ci_high": e["ci_high"], "n_seeds": e["n"]}
         row.update({f"seed {s}": v for s, v in zip(seeds, e["per_seed"])})
         rows.append(row)
 
-    for key, label in SUMMARY_METRICS:
-        add("summary", label, key == "hard_miou", eff[key])
+    for key, _ in SUMMARY_METRICS:
+        add("summary", key, key == "hard_miou", eff[key])
+    for key, e in eff.get("transfer", {}).items():
+        add("transfer", key, not key.endswith("_all"), e)
     for name, e in eff["per_class"].items():
         add("class IoU", name, e["hard"], e)
     for grouping, buckets in eff["instances"].items():
@@ -132,48 +185,84 @@ def effect_rows(form: str, seeds, eff: dict) -> list[dict]:
 
 
 def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str = "auto", kd_forms=("kl",),
-              overrides: dict | None = None, on_stage=None, progress_factory=None) -> dict:
+              overrides: dict | None = None, on_stage=None, progress_factory=None, teachers=("hard",)) -> dict:
     """Train (what is missing), evaluate (what is missing) and report the paired effects.
 
-    `seed` fixes the data and teacher (the demo's `--seed`), `seeds` the student pairs;
-    `kd_forms` the logit forms compared, each against the same baselines.
+    `seed` fixes the data and teachers (the demo's `--seed`), `seeds` the student pairs;
+    `kd_forms` the logit forms and `teachers` the teachers' fusion modes compared, each against
+    the same baselines (which live in OUT/run, so its data and teacher are always made).
     """
     t0 = time.perf_counter()
     seeds = sorted({int(s) for s in seeds})
     if not seeds:
         raise ValueError("a study needs at least one seed")
     kd_forms = tuple(dict.fromkeys(kd_forms))
+    bad = [t for t in teachers if t not in FUSION_MODES]
+    if bad or not teachers:
+        raise ValueError(f"teachers must be among {FUSION_MODES}, got {list(teachers)}")
+    teachers = tuple(t for t in TEACHERS if t in teachers)
     announce = on_stage or (lambda name: None)
     bar = progress_factory or (lambda name: None)
     shared = build_shared(out_dir, size, seed, backend, overrides, on_stage, progress_factory)
     run = shared["run"]
-    pairs, configs = plan_students(shared, seeds, seed, kd_forms)
-    check_existing(run, configs)
-    trained = train_students(shared, configs, on_stage, progress_factory)
-    trained["teacher"] = shared["teacher"]
+    by_teacher = {t: shared if t == "hard" else build_shared(out_dir, size, seed, backend, overrides, on_stage,
+                                                              progress_factory, fusion=t)
+                  for t in teachers}
+
+    pairs: dict[str, dict] = {}
+    configs, where = {}, {}
+    for t, t_shared in by_teacher.items():
+        t_pairs, t_configs = plan_students(t_shared, seeds, seed, kd_forms)
+        pairs[t] = {form: [(student_label(d, t), b) for d, b in form_pairs] for form, form_pairs in t_pairs.items()}
+        distilled = {name: cfg for name, cfg in t_configs.items() if cfg.distill_enabled()}
+        baselines = {name: cfg for name, cfg in t_configs.items() if not cfg.distill_enabled()}
+        check_existing(t_shared["run"], distilled)
+        check_existing(run, baselines)
+        for name, cfg in distilled.items():
+            configs[student_label(name, t)] = cfg
+            where[student_label(name, t)] = (t_shared["run"], name)
+        configs.update(baselines)
+    checkpoints = train_students(shared, configs, on_stage, progress_factory, where=where)
+    for t, t_shared in by_teacher.items():
+        checkpoints[teacher_label(t)] = t_shared["teacher"]
 
     announce("eval")
-    metrics = evaluate_each(run, trained, shared["data"], SIZES[size].eval_scans, backend, progress=bar("eval"))
-    by_form = {form: effects(metrics, form_pairs) for form, form_pairs in pairs.items()}
-    rows = [row for form, eff in by_form.items() for row in effect_rows(form, seeds, eff)]
+    max_scans = SIZES[size].eval_scans
+    metrics = evaluate_each(run, checkpoints, shared["data"], max_scans, backend, progress=bar("eval"))
+    announce("transfer diagnostic")
+    # every student paired with a teacher, and the teacher itself on single scans (what fusion changes in its outputs)
+    todo = [(label, checkpoints[label], t, by_teacher[t]["teacher"]) for t in teachers
+            for label in dict.fromkeys([n for form_pairs in pairs[t].values() for pair in form_pairs for n in pair]
+                                       + [teacher_label(t)])]
+    diagnostics = diagnose_each(run, todo, max_scans, backend)
+
+    by_teacher_form: dict[str, dict] = {}
+    rows = []
+    for t in teachers:
+        with_transfer = {label: {**m, "transfer": diagnostics[t][label]} if label in diagnostics[t] else m
+                         for label, m in metrics.items()}
+        by_teacher_form[t] = {form: effects(with_transfer, form_pairs) for form, form_pairs in pairs[t].items()}
+        rows += [row for form, eff in by_teacher_form[t].items() for row in effect_rows(t, form, seeds, eff)]
     table = pd.DataFrame(rows)
     out = run / "study"
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "study.csv", index=False)
-    effect_plot(by_form, out / "study.png", title=f"Distillation effect over {len(seeds)} paired seeds "
-                                                 f"(dot: mean, bar: 95% t-interval, ticks: seeds)")
+    effect_plot({f"teacher {t}, {form}": eff for t, forms in by_teacher_form.items() for form, eff in forms.items()},
+                out / "study.png", title=f"Distillation effect over {len(seeds)} paired seeds "
+                                         f"(dot: mean, bar: 95% t-interval, ticks: seeds)")
     record = {
-        "seeds": seeds, "data_seed": seed, "size": size, "kd_forms": list(pairs), "pairs": pairs,
-        "effects": by_form,
-        "checkpoints": {name: {"hard_miou": m["hard_miou"], "miou": m["miou"], "instances": m.get("instances")}
+        "seeds": seeds, "data_seed": seed, "size": size, "teachers": list(teachers), "kd_forms": list(kd_forms),
+        "pairs": pairs, "effects": by_teacher_form,
+        "checkpoints": {name: {"hard_miou": m["hard_miou"], "miou": m["miou"], "instances": m.get("instances"),
+                               "transfer": {t: d[name] for t, d in diagnostics.items() if name in d}}
                         for name, m in metrics.items()},
         "seconds": time.perf_counter() - t0,
-        "train_seconds": {name: _train_seconds(run, name) for name in trained},
+        "train_seconds": {label: _train_seconds(Path(ckpt).parent) for label, ckpt in checkpoints.items()},
     }
     write_json_atomic(out / "study.json", record)
     return {**record, "table": table, "out_dir": str(out)}
 
 
-def _train_seconds(run: Path, name: str):
-    record = run / name / "train.json"
+def _train_seconds(model_dir: Path):
+    record = Path(model_dir) / "train.json"
     return read_json(record).get("seconds") if record.is_file() else None

@@ -143,7 +143,8 @@ def test_alternative_code_paths_match_fused_path(monkeypatch, variant):
 def test_public_api_and_parameter_counts():
     model = build_model(in_channels=4, num_classes=20, depth=34, backend="torch")
     assert model.backend == "torch"
-    assert model.feature_channels == {"dec1": 256, "dec2": 128, "dec3": 96, "dec4": 96}
+    widths = {"dec1": 256, "dec2": 128, "dec3": 96, "dec4": 96}
+    assert model.feature_channels == {**widths, **{f"{k}_preact": v for k, v in widths.items()}}
     n34 = count_parameters(model)
     n18 = count_parameters(build_model(4, 20, depth=18, backend="torch"))
     assert 30e6 < n34 < 45e6 and 15e6 < n18 < n34
@@ -161,8 +162,16 @@ def test_public_api_and_parameter_counts():
     assert set(model(coords, feats, features=("dec2",)).features) == {"dec2"}
     out = model(coords, feats, features=FEATURE_NAMES)
     assert out.logits.shape == (800, 7)
-    assert {k: v.shape[1] for k, v in out.features.items()} == {"dec1": 16, "dec2": 12, "dec3": 8, "dec4": 8}
+    widths = {"dec1": 16, "dec2": 12, "dec3": 8, "dec4": 8}
+    assert {k: v.shape[1] for k, v in out.features.items()} == {**widths, **{f"{k}_preact": v for k, v in widths.items()}}
     assert all(v.shape[0] == 800 for v in out.features.values())
+    # a stage's output is the ReLU of its pre-activation features, which have sign
+    for name in widths:
+        torch.testing.assert_close(out.features[name], torch.relu(out.features[f"{name}_preact"]))
+        assert (out.features[f"{name}_preact"] < 0).any()
+    # asking for the pre-activation features changes nothing else
+    plain = model(coords, feats, features=("dec4",))
+    assert torch.equal(plain.logits, out.logits) and torch.equal(plain.features["dec4"], out.features["dec4"])
 
 
 def _slice_checks(backend):

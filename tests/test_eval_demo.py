@@ -141,7 +141,7 @@ def test_study_resumes_adding_seeds_and_forms_without_retraining(demo):
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/model.pt")}
     evals = {p.parent.name: p.stat().st_mtime_ns for p in (run / "study/eval").glob("*/metrics.json")}
     assert {"distilled", "baseline", "distilled-s1", "baseline-s1", "teacher"} <= set(stamps) and set(evals) >= {"distilled-s1"}
-    assert first["pairs"] == {"kl": [("distilled", "baseline"), ("distilled-s1", "baseline-s1")]}
+    assert first["pairs"] == {"hard": {"kl": [("distilled", "baseline"), ("distilled-s1", "baseline-s1")]}}
 
     second = run_study(out, [0, 1, 2], size="tiny", backend="torch", kd_forms=("kl", "release"))
     for name, stamp in stamps.items():
@@ -153,20 +153,21 @@ def test_study_resumes_adding_seeds_and_forms_without_retraining(demo):
     assert json.loads((run / "distilled-release-s2/train.json").read_text())["config"]["kd_form"] == "release"
 
     record = json.loads((run / "study/study.json").read_text())
-    assert record["seeds"] == [0, 1, 2] and record["kd_forms"] == ["kl", "release"]
-    assert record["pairs"]["release"] == [["distilled-release", "baseline"], ["distilled-release-s1", "baseline-s1"],
-                                          ["distilled-release-s2", "baseline-s2"]]
-    for form, pairs in record["pairs"].items():
+    assert record["seeds"] == [0, 1, 2] and record["kd_forms"] == ["kl", "release"] and record["teachers"] == ["hard"]
+    assert record["pairs"]["hard"]["release"] == [["distilled-release", "baseline"], ["distilled-release-s1", "baseline-s1"],
+                                                  ["distilled-release-s2", "baseline-s2"]]
+    for form, pairs in record["pairs"]["hard"].items():
         metric = lambda name: json.loads((run / "study/eval" / name / "metrics.json").read_text())[name]["hard_miou"]
         deltas = [metric(d) - metric(b) for d, b in pairs]
-        e = record["effects"][form]["hard_miou"]
+        e = record["effects"]["hard"][form]["hard_miou"]
         mean = sum(deltas) / 3
         sd = math.sqrt(sum((x - mean) ** 2 for x in deltas) / 2)
         half = 4.3026527 * sd / math.sqrt(3)  # t_{0.975, 2} from a printed table
         assert e["per_seed"] == pytest.approx(deltas) and e["mean"] == pytest.approx(mean)
         assert e["ci_low"] == pytest.approx(mean - half, abs=1e-7) and e["ci_high"] == pytest.approx(mean + half, abs=1e-7)
-        assert set(record["effects"][form]["per_class"]) == set(SPEC.class_names[1:])
-        assert set(record["effects"][form]["instances"]["by_points"]) == {"1-9", "10-29", "30-99", "100+"}
+        assert set(record["effects"]["hard"][form]["per_class"]) == set(SPEC.class_names[1:])
+        assert set(record["effects"]["hard"][form]["instances"]["by_points"]) == {"1-9", "10-29", "30-99", "100+"}
+        assert set(record["effects"]["hard"][form]["transfer"]) >= {"kl_hard", "kl_all", "agreement_hard", "agreement_all"}
     table = second["table"]
     assert len(table[(table["group"] == "summary")]) == 4 and {"seed 0", "seed 1", "seed 2"} <= set(table.columns)
     assert (run / "study/study.csv").is_file() and (run / "study/study.png").is_file()

@@ -108,7 +108,7 @@ def test_cache_feature_layer_must_match_the_student(chain, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(chain, run)
     student = dataclasses.replace(TINY, feature_layer="dec3")
-    with pytest.raises(StaleInputError, match="holds dec4 features but the student distils feature_layer=dec3"):
+    with pytest.raises(StaleInputError, match="holds dec4_preact features but the student distils feature_layer=dec3"):
         train(run, "student", student, name="student")
     run_cache(run, None, dataclasses.replace(CACHE, feature_layer="dec3"))
     assert json.loads((RunDir(run).teacher_cache / "cache.json").read_text())["feature_layer"] == "dec3"

@@ -232,7 +232,7 @@ def test_trainer_distill_terms_goes_through_the_one_combiner():
     batch = {"teacher_logits": t_logits, "teacher_feats": t_feats, "teacher_feat_index": idx, "instance": instance,
              "label": torch.ones(8, dtype=torch.long)}
     logs = {}
-    total = distill_terms(cfg, SimpleNamespace(logits=logits, features={"dec4": feats}), batch, adapter, logs, seed=0)
+    total = distill_terms(cfg, SimpleNamespace(logits=logits, features={"dec4_preact": feats}), batch, adapter, logs, seed=0)
     expected = (5.0 * logit_distillation(logits, t_logits, form="release")
                 + 0.5 * feature_distillation(adapter(feats[idx]), t_feats, None)
                 + 2.0 * affinity_distillation(feats[idx], t_feats, instance[idx], None))
@@ -295,13 +295,19 @@ def test_affinity_two_instances_by_hand():
     assert none.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_affinity_single_point_instance_counts_as_zero():
+def test_affinity_leaves_single_point_instances_out_of_its_mean():
+    """A 1-point instance has no similarity structure: it is not averaged in as a 0."""
     rng = np.random.default_rng(1)
-    s, t = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
-    ids = np.array([1, 1, 1, 2])
-    pair = np.abs(_np_cos(s[:3]) - _np_cos(t[:3])).mean()
+    s, t = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    ids = np.array([1, 1, 1, 2, 3, 3])  # instance 2 has one point
+    by_hand = np.mean([np.abs(_np_cos(s[:3]) - _np_cos(t[:3])).mean(), np.abs(_np_cos(s[4:]) - _np_cos(t[4:])).mean()])
     loss = affinity_distillation(torch.tensor(s), torch.tensor(t), torch.tensor(ids))
-    assert loss.item() == pytest.approx(pair / 2, rel=1e-9)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-9)
+    st = torch.tensor(s, requires_grad=True)
+    only_single = affinity_distillation(st, torch.tensor(t), torch.tensor([0, 0, 0, 2, 0, 0]))
+    assert only_single.item() == 0.0
+    only_single.backward()  # graph intact, nothing to learn
+    assert st.grad.abs().sum() == 0
 
 
 def test_affinity_subsampling_picks_a_subset():
@@ -335,6 +341,74 @@ def test_affinity_class_mode_groups_by_class():
     loss = affinity_distillation(torch.tensor(s), torch.tensor(t), torch.tensor(inst),
                                  mode="class", class_ids=torch.tensor(cls))
     assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_kd_hard_point_weight_by_hand():
+    """Weighted mean: sum_i w_i KL_i / sum_i w_i, w = kd_hard_weight on hard points, 1 elsewhere."""
+    rng = np.random.default_rng(5)
+    zs, zt = rng.normal(size=(5, 4)) * 2, rng.normal(size=(5, 4)) * 3
+    hard = np.array([False, True, False, False, True])
+    t = 1.5
+    lt, ls = _np_log_softmax(zt / t), _np_log_softmax(zs / t)
+    kl = (np.exp(lt) * (lt - ls)).sum(1) * t * t
+    w = np.where(hard, 4.0, 1.0)
+    by_hand = (w * kl).sum() / w.sum()  # = (KL0 + 4 KL1 + KL2 + KL3 + 4 KL4) / 11
+    cfg = {"kd_weight": 1.0, "temperature": t, "affinity_weight": 0.0, "kd_hard_weight": 4.0}
+    _, parts = distillation_loss(torch.tensor(zs), torch.tensor(zt), config=cfg, hard_points=torch.tensor(hard))
+    assert parts["kd"].item() == pytest.approx(by_hand, rel=1e-9)
+    assert by_hand != pytest.approx(kl.mean(), rel=1e-3)  # the weight matters on this case
+    # weight 1 is the plain mean; weight 0 leaves the hard points out
+    _, plain = distillation_loss(torch.tensor(zs), torch.tensor(zt), config={**cfg, "kd_hard_weight": 1.0},
+                                 hard_points=torch.tensor(hard))
+    assert plain["kd"].item() == pytest.approx(kl.mean(), rel=1e-9)
+    _, easy = distillation_loss(torch.tensor(zs), torch.tensor(zt), config={**cfg, "kd_hard_weight": 0.0},
+                                hard_points=torch.tensor(hard))
+    assert easy["kd"].item() == pytest.approx(kl[~hard].mean(), rel=1e-9)
+
+
+def test_trainer_weights_hard_class_points_and_takes_the_class_affinity_on_logits():
+    """The trainer passes the hard-class points (by label) and, for affinity_form=class, compares
+    logits pooled per (scan, class) at the cached hard points; the settings come from the config."""
+    from types import SimpleNamespace
+
+    from m2skd.train_config import TrainConfig
+    from m2skd.trainer import distill_terms
+
+    rng = np.random.default_rng(6)
+    logits, t_logits = rng.normal(size=(8, 4)), rng.normal(size=(8, 4)) * 3
+    label = np.array([1, 2, 2, 3, 1, 2, 2, 1])
+    hard_lut = torch.tensor([False, False, True, False])  # class 2 is hard
+    idx = np.array([1, 2, 5, 6])  # the cached (hard) points; scan 0 holds rows 0-3, scan 1 rows 4-7
+    instance = np.zeros(8, np.int64)
+    instance[idx] = [(2 << 16) | 1, (2 << 16) | 1, (1 << 24) | (2 << 16) | 4, (1 << 24) | (2 << 16) | 5]
+    cfg = TrainConfig(kd_weight=1.0, kd_hard_weight=3.0, affinity_weight=2.0, affinity_form="class", temperature=2.0)
+    batch = {"teacher_logits": torch.tensor(t_logits), "teacher_feats": torch.zeros(4, 2), "teacher_feat_index": torch.tensor(idx),
+             "instance": torch.tensor(instance), "label": torch.tensor(label)}
+    logs = {}
+    total = distill_terms(cfg, SimpleNamespace(logits=torch.tensor(logits), features={}), batch, None, logs, 0, hard_lut)
+    lt, ls = _np_log_softmax(t_logits / 2.0), _np_log_softmax(logits / 2.0)
+    kl = (np.exp(lt) * (lt - ls)).sum(1) * 4.0
+    w = np.where(label == 2, 3.0, 1.0)
+    kd = (w * kl).sum() / w.sum()
+    # class pooling per scan: scan 0's two class-2 points form one group, scan 1's two another
+    aff = np.mean([np.abs(_np_cos(logits[g]) - _np_cos(t_logits[g])).mean() for g in ([1, 2], [5, 6])])
+    assert logs["kd"].item() == pytest.approx(kd, rel=1e-6)  # the trainer works in float32
+    assert logs["affinity"].item() == pytest.approx(aff, rel=1e-6)
+    assert total.item() == pytest.approx(kd + 2.0 * aff, rel=1e-6)
+
+
+def test_changing_what_the_student_trains_on_changes_its_fingerprint():
+    """...while the baseline, which trains on none of it, keeps one fingerprint."""
+    from m2skd.fingerprint import fingerprint_json
+    from m2skd.train_config import TrainConfig
+
+    base = fingerprint_json(TrainConfig().math_dict())
+    baseline = fingerprint_json(TrainConfig().no_distill().math_dict())
+    for change in ({"kd_hard_weight": 5.0}, {"affinity_form": "class"}, {"feature_layer": "dec4"}, {"kd_form": "release"},
+                   {"affinity_max_points": 8}):
+        assert fingerprint_json(TrainConfig(**change).math_dict()) != base, change
+        assert fingerprint_json(TrainConfig(**change).no_distill().math_dict()) == baseline, change
+    assert fingerprint_json(TrainConfig(temperature=2.0).no_distill().math_dict()) != baseline
 
 
 def test_no_hard_points_gives_finite_zero_losses():

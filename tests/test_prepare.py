@@ -150,3 +150,38 @@ def test_icp_recovers_small_rigid_motion_and_rejects_garbage():
     assert np.median(nn_dist(moved, target)) < np.median(nn_dist(source, target)) * 0.5
     _, ok = icp_refine(rng.uniform(-5, 5, (50, 3)) + 30, target, FusionConfig(align="icp"))
     assert not ok
+
+
+def test_instance_occupancy_by_hand():
+    from m2skd.fusion import instance_occupancy
+
+    # single scan: instance 3 has two points in one 1 m voxel, instance 8 one point; then fused
+    # points: two for instance 3 (one in a new voxel, one in its old one), one of instance 5
+    # (not in the single scan: not counted), one unkeyed point
+    xyz = np.array([[0.1, 0.1, 0.1], [0.9, 0.2, 0.5], [5.5, 0, 0], [7, 7, 7],
+                    [1.5, 0.1, 0.1], [0.5, 0.5, 0.5], [3, 3, 3], [0.2, 0.2, 0.2]])
+    keys = np.array([3, 3, 8, 0, 3, 3, 5, 0])
+    out = instance_occupancy(xyz, keys, 4, 1.0)
+    assert out["key"].tolist() == [3, 8]
+    assert out["points_single"].tolist() == [2, 1] and out["points_fused"].tolist() == [4, 1]
+    assert out["voxels_single"].tolist() == [1, 1] and out["voxels_fused"].tolist() == [2, 1]
+
+
+def test_prepare_reports_the_occupied_voxel_gain_of_hard_instances(small_dataset, prepared_run):
+    from pipeline.prepare import occupancy_gain
+
+    run, _ = prepared_run
+    df, _ = read_manifest(RunDir(run).manifest)
+    labelled = df[df["has_labels"]]
+    single = sum(sum(v) for v in labelled["hard_instance_points_single"])
+    fused = sum(sum(v) for v in labelled["hard_instance_points_fused"])
+    coarse = occupancy_gain(run, 1000.0)  # one voxel per instance, up to 8 for those astride the axes (z = 0)
+    assert coarse["hard_instances"] == sum(len(v) for v in labelled["hard_instance_points_single"]) > 0
+    assert coarse["points_single"] == single and coarse["points_fused"] == fused > single
+    assert coarse["hard_instances"] <= coarse["voxels_single"] <= coarse["voxels_fused"] <= 8 * coarse["hard_instances"]
+    assert coarse["points_gain"] == pytest.approx(fused / single - 1)
+    fine = occupancy_gain(run, 0.2)
+    assert 0 < fine["voxel_gain"] < fine["points_gain"]
+    assert fine["voxels_single"] <= single and fine["voxels_fused"] <= fused
+    summary = run_prepare(small_dataset, run, PrepareConfig(FusionConfig(), frames_per_shard=4), voxel_size=0.2)
+    assert summary["hard_instance_voxel_gain"] == pytest.approx(fine["voxel_gain"])

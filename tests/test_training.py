@@ -40,7 +40,7 @@ def test_cached_targets_equal_a_fresh_teacher_forward(teacher_run):
     shard = RaggedReader(RunDir(run).prepare / row["shard"])
     cached = RaggedReader(RunDir(run).teacher_cache / row["shard"])
     points = shard.read(int(row["shard_index"]))["points"]
-    logits, feats = teacher_outputs(model, points, ckpt["config"]["voxel_size"], "dec4", "cpu")
+    logits, feats = teacher_outputs(model, points, ckpt["config"]["voxel_size"], "dec4_preact", "cpu")
     n = int(row["n_single"])
     stored = stored_logits(cached, int(row["shard_index"]), 20)
     assert stored.shape == (n, 20)
@@ -222,3 +222,50 @@ def test_one_cycle_is_defined_for_every_step_count(total, pct):
     if pct * total != 1:  # every other count: torch's schedule, unchanged
         ref = _lrs(lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=total, pct_start=pct), total)
         assert lrs == ref
+
+
+def test_transfer_diagnostic_by_hand_from_cache_and_from_the_teacher(teacher_run, tmp_path):
+    """KL(teacher || student) x T^2 at the single-scan points: the teacher's targets read from its
+    cache (split cached) or computed on the fused input (split not cached) give the hand value."""
+    from pipeline.evaluate import transfer_diagnostic
+
+    run, result, _ = teacher_run
+    student = train(run, "student", dataclasses.replace(TINY, steps=2, val_every=0), name="diag", overwrite=True)
+    spec = spec_for_run(RunDir(run))
+    s_model, s_ckpt = load_checkpoint(student["checkpoint"], backend="torch")
+    t_model, t_ckpt = load_checkpoint(result["checkpoint"], backend="torch")
+    s_model.eval(), t_model.eval()
+    df, _ = read_manifest(RunDir(run).manifest)
+    temp = s_ckpt["config"]["temperature"]
+    for split in ("train", "val"):
+        rows = df[df["split"] == split].sort_values(["sequence", "frame"]).iloc[[0, 2]]
+        kl, agree, hard_kl = [], [], []
+        for _, row in rows.iterrows():
+            data = RaggedReader(RunDir(run).prepare / row["shard"]).read(int(row["shard_index"]))
+            n = int(row["n_single"])
+            zs, _ = teacher_outputs(s_model, data["points"][:n], 0.4, "dec4", "cpu")
+            zt, _ = teacher_outputs(t_model, data["points"], 0.4, "dec4", "cpu")  # the fused input
+            zt = zt[:n]
+            lt = torch.log_softmax(torch.tensor(zt, dtype=torch.float64) / temp, 1)
+            ls = torch.log_softmax(torch.tensor(zs, dtype=torch.float64) / temp, 1)
+            per_point = (lt.exp() * (lt - ls)).sum(1).numpy() * temp ** 2
+            kl.append(per_point)
+            hard_kl.append(per_point[spec.hard_mask[spec.learning_lut[data["label"][:n] & 0xFFFF]]])
+            agree.append(zs[:, 1:].argmax(1) == zt[:, 1:].argmax(1))
+        scans = [(r["sequence"], int(r["frame"])) for _, r in rows.iterrows()]
+        got = transfer_diagnostic(student["checkpoint"], result["checkpoint"], split, scans=scans, backend="torch")
+        assert got["source"] == ("cache" if split == "train" else "teacher") and got["scans"] == 2
+        tol = 2e-3 if split == "train" else 1e-6  # the cache holds fp16 logits
+        assert got["all"]["kl"] == pytest.approx(np.concatenate(kl).mean(), rel=tol)
+        assert got["all"]["agreement"] == pytest.approx(np.concatenate(agree).mean(), abs=0.01 if split == "train" else 1e-9)
+        assert got["hard"]["points"] == len(np.concatenate(hard_kl)) > 0
+        assert got["hard"]["kl"] == pytest.approx(np.concatenate(hard_kl).mean(), rel=tol)
+    # m2skd eval --teacher: the same diagnostic on the scans it evaluates (the evenly spaced subset)
+    from pipeline.evaluate import run_eval
+
+    report = run_eval([student["checkpoint"]], "val", out_dir=tmp_path / "eval", backend="torch", workers=0, max_scans=3,
+                      teacher=result["checkpoint"])
+    got = report["results"]["diag"]["transfer"]
+    assert got == transfer_diagnostic(student["checkpoint"], result["checkpoint"], "val", max_scans=3, backend="torch")
+    assert got["scans"] == 3 and (tmp_path / "eval" / "transfer.csv").is_file()
+    assert report["transfer"].loc[0, "kl_hard"] == got["hard"]["kl"]

@@ -1,5 +1,6 @@
 """Sparse 3D backbones: MinkUNet on MinkowskiEngine or on a pure-PyTorch sparse core."""
 from .minkunet import (
+    DECODER_STAGES,
     DEPTHS,
     FEATURE_NAMES,
     MinkUNet,
@@ -10,6 +11,7 @@ from .minkunet import (
 )
 
 __all__ = [
+    "DECODER_STAGES",
     "DEPTHS",
     "FEATURE_NAMES",
     "MinkUNet",

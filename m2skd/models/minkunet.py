@@ -30,7 +30,12 @@ from .layers import (
 
 DEPTHS = {18: (2, 2, 2, 2, 2, 2, 2, 2), 34: (2, 3, 4, 6, 2, 2, 2, 2)}
 DEFAULT_WIDTHS = (32, 64, 128, 256, 256, 128, 96, 96)
-FEATURE_NAMES = ("dec1", "dec2", "dec3", "dec4")
+DECODER_STAGES = ("dec1", "dec2", "dec3", "dec4")
+# Each stage's output is post-ReLU (never negative, so cosine similarities among an instance's
+# points all sit near 1); "<stage>_preact" is the same stage before its last ReLU, where the
+# features have sign and similarity structure (the affinity term's input).
+PREACT_SUFFIX = "_preact"
+FEATURE_NAMES = DECODER_STAGES + tuple(f"{name}{PREACT_SUFFIX}" for name in DECODER_STAGES)
 
 
 AUTO_BACKEND_REASON = ("auto -> torch: the pure-PyTorch backend runs on every device, gives the same bits "
@@ -105,11 +110,15 @@ class BasicBlock(nn.Module):
                 SparseConv(in_channels, out_channels, 1), SparseBatchNorm(out_channels, momentum=bn_momentum)
             )
 
-    def forward(self, x: SparseFeatures) -> SparseFeatures:
+    def forward(self, x: SparseFeatures, preact: bool = False):
+        """The block's output; with `preact`, (output, its features before the final ReLU)."""
         out = self.act(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act(sparse_add(out, shortcut))
+        summed = sparse_add(out, shortcut)
+        if not preact:
+            return self.act(summed)
+        return summed.with_features(torch.relu(summed.features)), summed  # not in place: `summed` is kept
 
 
 def _blocks(in_channels: int, out_channels: int, count: int, bn_momentum: float) -> list[nn.Module]:
@@ -127,9 +136,15 @@ class UpStage(nn.Module):
         self.act = SparseReLU()
         self.blocks = nn.Sequential(*_blocks(out_channels + skip_channels, out_channels, count, bn_momentum))
 
-    def forward(self, x: SparseFeatures, skip: SparseFeatures) -> SparseFeatures:
+    def forward(self, x: SparseFeatures, skip: SparseFeatures, preact: bool = False):
+        """The stage's output; with `preact`, (output, the last block's features before its ReLU)."""
         up = self.act(self.norm(self.deconv(x, skip)))
-        return self.blocks(sparse_cat(up, skip))
+        x = sparse_cat(up, skip)
+        if not preact:
+            return self.blocks(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1](x, preact=True)
 
 
 class MinkUNet(nn.Module):
@@ -167,7 +182,8 @@ class MinkUNet(nn.Module):
             self.up.append(UpStage(previous, skip, widths[4 + j], blocks[4 + j], bn_momentum))
             previous = widths[4 + j]
         self.classifier = nn.Linear(widths[7], num_classes)
-        self.feature_channels = {name: widths[4 + j] for j, name in enumerate(FEATURE_NAMES)}
+        self.feature_channels = {name: widths[4 + j] for j, stage in enumerate(DECODER_STAGES)
+                                 for name in (stage, stage + PREACT_SUFFIX)}
 
     @property
     def backend(self) -> str:
@@ -197,8 +213,13 @@ class MinkUNet(nn.Module):
             skips.append(x)
         skips.pop()
         sliced = RequestedFeatures()
-        for name, stage in zip(FEATURE_NAMES, self.up):
-            x = stage(x, skips.pop())
+        for name, stage in zip(DECODER_STAGES, self.up):
+            pre_name = name + PREACT_SUFFIX
+            if pre_name in wanted:
+                x, pre = stage(x, skips.pop(), preact=True)
+                sliced[pre_name] = points.slice(pre)
+            else:
+                x = stage(x, skips.pop())
             if name in wanted:
                 sliced[name] = points.slice(x)
         logits = points.slice(x.with_features(self.classifier(x.features)))
