@@ -371,6 +371,8 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
                f"{result['prepare']['hard_instance_voxel_gain']:+.0%} occupied voxels to hard instances at "
                f"{result['prepare']['hard_instance_voxel_size']:g} m\n")
     print_table(result["table"])
+    counts = ", ".join(f"{name} {h['with_10+_points']}" for name, h in result["val_instances"].items())
+    click.echo(f"\nval hard-class instances with 10+ points in the evaluated scans: {counts}")
     print_instances(result["instances"])
     effect = result["effect"]
     for metric, label in (("hard_miou", "hard-class mIoU"), ("miou", "mIoU")):

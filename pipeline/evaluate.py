@@ -20,7 +20,7 @@ from m2skd.instances import InstanceAccumulator
 from m2skd.manifest import read_manifest
 from m2skd.metrics import summarize
 from m2skd.ragged import RaggedReader
-from m2skd.teacher_cache import decode_logits
+from m2skd.teacher_cache import stored_logits
 from m2skd.transfer import TransferAccumulator
 from m2skd.plots import confusion_plot, instance_plot, iou_bars
 from m2skd.atomic import read_json, write_json_atomic
@@ -186,7 +186,7 @@ def teacher_targets(teacher, split: str, backend="auto", device=None):
     if (split in record.get("splits", ()) and record.get("manifest_fingerprint") == meta["content_fingerprint"]
             and record.get("teacher_fingerprint") == file_fingerprint(teacher)):
         def read(row):
-            return decode_logits(RaggedReader(run.teacher_cache / row["shard"]).read(int(row["shard_index"])), spec.num_classes)
+            return stored_logits(RaggedReader(run.teacher_cache / row["shard"]), int(row["shard_index"]), spec.num_classes)
         return run, spec, rows, read, "cache"
     device = resolve_device(device)
     model, ckpt = load_checkpoint(teacher, backend, device, spec=spec)

@@ -8,12 +8,15 @@ from m2skd import semantickitti as sk
 from m2skd.dataset_spec import DatasetSpec, load_spec
 from m2skd.errors import DataError
 
+from .evaluate import evenly_spaced
 from .parallel import run_tasks
 
 
-def run_stats(data_root, sequences=None, spec: DatasetSpec | None = None, jobs: int = 1, progress=None) -> dict:
+def run_stats(data_root, sequences=None, spec: DatasetSpec | None = None, jobs: int = 1, progress=None,
+              max_scans: int | None = None) -> dict:
     """Shares and instance histograms over the labelled scans of `sequences` (default: every
-    labelled sequence), for all of them together and for each split present."""
+    labelled sequence), for all of them together and for each split present. `max_scans`
+    keeps, per split, the scans an eval limited to that many looks at."""
     spec = spec or load_spec()
     root = Path(data_root)
     names = list(sequences) if sequences else sk.list_sequences(root)
@@ -25,6 +28,11 @@ def run_stats(data_root, sequences=None, spec: DatasetSpec | None = None, jobs: 
                 raise DataError(seq.path / "labels", "missing: stats need labelled sequences")
             continue
         tasks += [(name, seq.scan_path(f), seq.label_path(f)) for f in seq.frames]
+    if max_scans:
+        by_split: dict[str, list] = {}
+        for task in tasks:
+            by_split.setdefault(spec.split_of(task[0]), []).append(task)
+        tasks = [t for group in by_split.values() for t in (group[i] for i in evenly_spaced(len(group), max_scans))]
     if not tasks:
         raise DataError(root / "sequences", "no labelled scans found")
     if progress:

@@ -122,6 +122,7 @@ class SynthConfig:
     riders_per_100m_per_lane: float = 0.08
     heavy_vehicle_share: float = 0.08    # trucks, buses, vans and trailers among vehicles
     motorcyclist_share: float = 0.04    # of vehicles in the traffic lanes
+    min_hard_per_100m: float = 0.0       # each hard class at least this often near the drive (and once)
 
     def __post_init__(self):
         if self.beams < 2 or self.azimuth_steps < 8:
@@ -633,39 +634,43 @@ class _Populator:
             self.add(MOTORCYCLIST, motorcyclist_parts(rng), x, y, self.along())
 
     def ensure_hard_classes(self):
-        """Every hard class at least once near the drive: short drives of a rare class would
-        otherwise often have none, and a split without a class cannot score it. A missing class
-        gets one static instance at a free spot (parked, standing or waiting) along the drive,
-        a missing heavy vehicle one parked across the street ahead of it."""
+        """Every hard class near the drive: at least once, and at least `min_hard_per_100m` per
+        100 m of drive. Short drives of a rare class would otherwise often have none, and a
+        split without a class cannot score it. A missing instance is a static one at a free spot
+        (parked, standing or waiting) along the drive; a missing heavy vehicle is parked across
+        the street, the first 35-60 m ahead of the drive, the second as far behind its start."""
         rng, travel = self.rng, self.cfg.ego_speed * self.duration
         near = self.classes_near_drive(NEAR_DRIVE_M)
+        wanted = max(1, math.ceil(self.cfg.min_hard_per_100m * (travel + NEAR_DRIVE_M) / 100.0))
         for raw, (builder, inner, outer) in GUARANTEED.items():
-            if raw in near:
-                continue
-            parts = builder(rng)
-            half = half_length(parts)
-            for _ in range(50):
-                if raw in (TRUCK, OTHER_VEHICLE):  # ahead, in view at 35-60 m+ (one near would fill scans)
-                    x = travel + rng.uniform(35.0, 60.0)
-                else:
-                    x = rng.uniform(-NEAR_DRIVE_M / 2, travel + NEAR_DRIVE_M / 2)
-                side = 1 if raw in (TRUCK, OTHER_VEHICLE) or rng.random() < 0.6 else -1
-                y = self.across(side, inner, outer)
-                if self.free(x, y, half):
-                    self.add(raw, parts, x, y, self.along())
-                    break
+            heavy = raw in (TRUCK, OTHER_VEHICLE)
+            # a heavy vehicle is in view from far: half as many, the first two beyond the ends
+            for k in range((math.ceil(wanted / 2) if heavy else wanted) - near.get(raw, 0)):
+                parts = builder(rng)
+                half = half_length(parts)
+                for _ in range(50):
+                    if heavy and k < 2:
+                        x = travel + rng.uniform(35.0, 60.0) if k == 0 else -rng.uniform(35.0, 60.0)
+                    else:
+                        x = rng.uniform(-NEAR_DRIVE_M / 2, travel + NEAR_DRIVE_M / 2)
+                    side = 1 if raw in (TRUCK, OTHER_VEHICLE) or rng.random() < 0.6 else -1
+                    y = self.across(side, inner, outer)
+                    if self.free(x, y, half):
+                        self.add(raw, parts, x, y, self.along())
+                        break
 
-    def classes_near_drive(self, distance: float) -> set:
-        """Static raw ids of the things that come within `distance` (along the street) of the
-        ego at some scan."""
+    def classes_near_drive(self, distance: float) -> dict:
+        """Static raw id -> number of things that come within `distance` (along the street) of
+        the ego at some scan."""
         times = np.linspace(0.0, self.duration, max(int(self.duration / self.cfg.frame_dt) + 1, 1))
         ego_x = self.cfg.ego_speed * times
-        found = set()
+        found: dict[int, int] = {}
         for obj in self.objects:
             if obj.instance:
                 x = obj.position[0] + obj.velocity[0] * times
                 if np.min(np.abs(x - ego_x)) < distance:
-                    found.add(_static_id(obj.raw))
+                    raw = _static_id(obj.raw)
+                    found[raw] = found.get(raw, 0) + 1
         return found
 
     def free(self, x: float, y: float, half: float) -> bool:
