@@ -140,7 +140,7 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
     import time
 
     from m2skd.fusion import FusionConfig
-    from pipeline.prepare import PrepareConfig, run_prepare
+    from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
     hard = tuple(int(c) for c in csv_list(hard_classes)) if hard_classes else None
     cfg = PrepareConfig(FusionConfig(mode=fusion, k=k, align=align, moving_threshold_m=moving_threshold), frames_per_shard, dataset, hard)
@@ -239,7 +239,7 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
     """Run the teacher once over the fused shards; store its targets at the single-scan points."""
     import os
 
-    from pipeline.cache_teacher import CacheConfig, run_cache
+    from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
 
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
     cfg = CacheConfig(logit_encoding, feature_encoding, feature_layer, csv_list(splits), backend, device, threads)
@@ -264,7 +264,7 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
 @friendly_errors
 def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, backend, device, workers, max_scans):
     """Official SemanticKITTI metrics for checkpoints side by side; CSV, JSON and PNG reports."""
-    from pipeline.evaluate import run_eval
+    from m2skd.pipeline.evaluate import run_eval
 
     bar = Progress("eval")
     out = run_eval(checkpoints, split, data_root, csv_list(sequences), out_dir, save_labels, backend, device, workers,
@@ -289,7 +289,7 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
     import time
 
     from m2skd.train_config import parse_overrides
-    from pipeline.demo import run_demo
+    from m2skd.pipeline.demo import run_demo
 
     t0 = time.perf_counter()
     progress_factory = StageBars()
@@ -328,7 +328,7 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
 @friendly_errors
 def bench(out_dir, frames, depth, repeats, gpu, quick):
     """Measure every stage against its baseline in one run; print one table, write JSON."""
-    from pipeline.bench import format_table, run_bench
+    from m2skd.pipeline.bench import format_table, run_bench
 
     result = run_bench(out_dir, frames=frames, depth=int(depth), repeats=repeats, gpu=gpu, quick=quick,
                        announce=lambda msg: click.echo(f"== {msg}", err=True))
@@ -352,7 +352,7 @@ def bench(out_dir, frames, depth, repeats, gpu, quick):
 @friendly_errors
 def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device):
     """PNG pictures of a run: predictions from above, fusion of one instance, teacher targets."""
-    from pipeline.show import run_show
+    from m2skd.pipeline.show import run_show
 
     written = run_show(run_dir, out_dir, checkpoints or None, csv_list(views) or (), scan, cache_scan, backend, device)
     for view, info in written.items():
@@ -375,7 +375,7 @@ def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
     for hard-class mIoU, mIoU and the sparse-instance buckets. Re-running adds seeds."""
     from m2skd.losses import KD_FORMS
     from m2skd.train_config import parse_overrides
-    from pipeline.study import run_study
+    from m2skd.pipeline.study import run_study
 
     try:
         seed_list = [int(v) for v in csv_list(seeds) or ()]

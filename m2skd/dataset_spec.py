@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-MANIFEST_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
+from .resources import resource_dir
+
+MANIFEST_DIR = resource_dir("data_manifests")
 
 
 @dataclass(frozen=True)

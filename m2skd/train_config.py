@@ -9,8 +9,9 @@ import yaml
 
 from .errors import M2SKDError
 from .losses import DEFAULT_DISTILL_CONFIG, kd_weight_for
+from .resources import resource_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = resource_dir("configs")
 
 
 @dataclass

@@ -13,9 +13,9 @@ from m2skd.dataset_spec import load_spec
 from m2skd.render import figure_px
 from m2skd.trainer import load_checkpoint
 from m2skd.transforms import voxel_coords
-from pipeline.demo import run_demo
-from pipeline.evaluate import run_eval
-from pipeline.study import run_study
+from m2skd.pipeline.demo import run_demo
+from m2skd.pipeline.evaluate import run_eval
+from m2skd.pipeline.study import run_study
 
 SPEC = load_spec()
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from m2skd import cli
 from m2skd import semantickitti as sk
 from m2skd.atomic import sweep_temporaries, temp_path
 from m2skd.dataset_spec import load_spec
@@ -26,9 +26,9 @@ from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
 from m2skd.train_config import TrainConfig
 from m2skd.trainer import load_checkpoint, train
-from pipeline.cache_teacher import CacheConfig, run_cache
-from pipeline.evaluate import run_eval
-from pipeline.prepare import PrepareConfig, run_prepare
+from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
+from m2skd.pipeline.evaluate import run_eval
+from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
 SPEC = load_spec()
 TINY = TrainConfig(depth=18, widths=(8, 16, 16, 16, 16, 16, 12, 12), stem_width=8, backend="torch", voxel_size=0.4,

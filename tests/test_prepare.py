@@ -10,7 +10,7 @@ from m2skd.fusion import FusionConfig, icp_refine
 from m2skd.manifest import COLUMNS, MANIFEST_SCHEMA_VERSION, read_manifest
 from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
-from pipeline.prepare import PrepareConfig, run_prepare
+from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
 SPEC = load_spec()
 

@@ -16,7 +16,7 @@ from m2skd.teacher_cache import decode_features, decode_logits
 from m2skd.train_config import TrainConfig
 from m2skd.trainer import load_checkpoint, spec_for_run, train
 from m2skd.transforms import AugmentConfig
-from pipeline.cache_teacher import CacheConfig, run_cache, teacher_outputs
+from m2skd.pipeline.cache_teacher import CacheConfig, run_cache, teacher_outputs
 
 TINY = TrainConfig(depth=18, widths=(8, 16, 16, 16, 16, 16, 12, 12), stem_width=8, backend="torch", voxel_size=0.4,
                    steps=4, batch_size=2, lr=0.01, workers=0, checkpoint_every=2, val_every=1000, val_max_scans=2, log_every=1)
@@ -146,7 +146,7 @@ def test_torchrun_ddp_on_cpu(teacher_run, tmp_path):
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(TINY).items()}
     cfg.update(steps=2, batch_size=1)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "m2skd",
            "train-student", str(run), "--config", str(tmp_path / "tiny.yaml"), "--name", "ddp", "--overwrite", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
