@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import functools
-import sys
+import os
 
 import click
 
 from m2skd.errors import M2SKDError
+from m2skd.pipeline.progress import Progress, StageBars, stop_all
 
 
 def friendly_errors(fn):
@@ -22,51 +23,10 @@ def friendly_errors(fn):
         except OSError as exc:
             where = exc.filename or ""
             raise click.ClickException(f"{where}: {exc.strerror or exc}" if where else str(exc)) from None
+        finally:
+            stop_all()
 
     return wrapper
-
-
-class Progress:
-    """Adapter from the pipeline's progress(total=, done=, advance=) calls to a tqdm bar."""
-
-    def __init__(self, desc: str, unit: str = "scan"):
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True, disable=None, file=sys.stderr)
-
-    def __call__(self, total=None, done=None, advance=None, postfix=None, set_to=None):
-        if total is not None and total != self.bar.total:
-            self.bar.reset(total=total)
-        if set_to is not None:
-            self.bar.n = set_to
-            self.bar.refresh()
-        if done:
-            self.bar.update(done)
-        if advance:
-            self.bar.update(advance)
-        if postfix:
-            self.bar.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False)
-
-    def close(self):
-        self.bar.close()
-
-
-class StageBars:
-    """One progress bar at a time for a multi-stage command: calling it with a stage name
-    closes the previous stage's bar and opens the next."""
-
-    def __init__(self):
-        self.bar = None
-
-    def __call__(self, name: str) -> Progress:
-        self.close()
-        self.bar = Progress(name, unit="step" if name.startswith("train") else "scan")
-        return self.bar
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def echo_summary(title: str, summary: dict) -> None:
@@ -185,16 +145,18 @@ def run_training(role, run_dir, config_path, overrides, backend, amp, steps, nam
     cfg = load_config(config_path or "semantickitti", values)
     if no_distill:
         cfg = cfg.no_distill()
-    bar = Progress(f"train-{name or ('baseline' if no_distill else role)}", unit="step")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports (train() calls back on it alone)
+    bar = Progress(f"train-{name or ('baseline' if no_distill else role)}", unit="step") if main_rank else None
     shown = ("loss", "ce", "lovasz", "kd", "feat", "affinity", "val_miou")
 
     def callback(step, total, logs):
         bar(total=total, set_to=step, postfix={k: logs[k] for k in shown if k in logs})
 
     announce_backend(cfg.backend)
-    result = train(run_dir, role, cfg, name=name, resume=resume, overwrite=overwrite, device=device, callback=callback,
-                   allow_world_size_change=allow_world_size_change)
-    bar.close()
+    result = train(run_dir, role, cfg, name=name, resume=resume, overwrite=overwrite, device=device,
+                   callback=callback if bar else None, allow_world_size_change=allow_world_size_change)
+    if bar:
+        bar.close()
     last = result["history"][-1] if result["history"] else {}
     echo_summary(f"trained {role} -> {result['checkpoint']}",
                  {"steps": result["steps_done"], "seconds": result["seconds"], **{f"val_{k}": v for k, v in last.items() if k != "step"}})
@@ -330,8 +292,10 @@ def bench(out_dir, frames, depth, repeats, gpu, quick):
     """Measure every stage against its baseline in one run; print one table, write JSON."""
     from m2skd.pipeline.bench import format_table, run_bench
 
+    bar = Progress("bench", unit="stage", bar=False)
     result = run_bench(out_dir, frames=frames, depth=int(depth), repeats=repeats, gpu=gpu, quick=quick,
-                       announce=lambda msg: click.echo(f"== {msg}", err=True))
+                       announce=lambda msg: click.echo(f"== {msg}", err=True), progress=bar)
+    bar.close()
     click.echo(format_table(result))
     click.echo(f"\nwritten {result['path']}")
 
