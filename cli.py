@@ -48,6 +48,66 @@ def csv_list(value):
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
+# Checks of option values that click's types cannot express, so a bad value is one line naming the
+# option before any work starts.
+
+def int_list(ctx, param, value):
+    try:
+        return tuple(int(v) for v in csv_list(value)) if value else None
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def sequence_names(ctx, param, value):
+    names = csv_list(value)
+    bad = [n for n in names or () if not n.isdigit()]
+    if bad:
+        raise click.BadParameter(f"sequences are numbered folders (00, 08, ...), got {', '.join(bad)}")
+    return value
+
+
+def folder_name(ctx, param, value):
+    if value is not None and (not value or value in (".", "..") or "/" in value or "\\" in value):
+        raise click.BadParameter(f"a folder name under RUN_DIR, got {value!r}")
+    return value
+
+
+def scan_id(ctx, param, value):
+    seq, _, frame = (value or "").partition("/")
+    if value is not None and not (seq.isdigit() and frame.isdigit()):
+        raise click.BadParameter(f"expected SEQ/FRAME such as 08/000123, got {value!r}")
+    return value
+
+
+class Device(click.ParamType):
+    """cpu, cuda, cuda:1, ...: whatever torch.device accepts."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            self.fail(f"{value!r} is not a device (cpu, cuda, cuda:1, ...)", param, ctx)
+        return value
+
+
+DEVICE = Device()
+OUT_DIR = click.Path(file_okay=False)
+
+
+def check_overrides(size: str, overrides) -> dict:
+    """The demo's and the study's --set values, checked against their config before any work."""
+    from m2skd.pipeline.demo import SIZES
+    from m2skd.train_config import load_config, parse_overrides
+
+    values = parse_overrides(overrides)
+    load_config(SIZES[size].config, values)
+    return values
+
+
 @click.group()
 @click.version_option(package_name="m2skd")
 def main():
@@ -56,12 +116,13 @@ def main():
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--sequences", default="00,08", show_default=True, help="Comma-separated sequence names (their split follows SemanticKITTI).")
-@click.option("--frames", default=20, show_default=True, help="Scans per sequence.")
+@click.option("--sequences", default="00,08", show_default=True, callback=sequence_names,
+              help="Comma-separated sequence names (their split follows SemanticKITTI).")
+@click.option("--frames", default=20, show_default=True, type=click.IntRange(min=1), help="Scans per sequence.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--beams", default=64, show_default=True, help="Laser beams (size knob).")
-@click.option("--azimuth-steps", default=2048, show_default=True, help="Columns per revolution (size knob).")
-@click.option("--jobs", default=1, show_default=True)
+@click.option("--beams", default=64, show_default=True, type=click.IntRange(min=2), help="Laser beams (size knob).")
+@click.option("--azimuth-steps", default=2048, show_default=True, type=click.IntRange(min=8), help="Columns per revolution (size knob).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
 @friendly_errors
 def synth(out, sequences, frames, seed, beams, azimuth_steps, jobs):
     """Write a synthetic SemanticKITTI-layout dataset from a simulated spinning LiDAR."""
@@ -84,9 +145,9 @@ def synth(out, sequences, frames, seed, beams, azimuth_steps, jobs):
 @click.option("-k", "--k", "k", default=4, show_default=True, type=click.IntRange(min=1), help="Previous scans fused into each scan.")
 @click.option("--align", type=click.Choice(["centroid", "icp"]), default="centroid", show_default=True,
               help="Moving instances: centroid offset; icp adds a rigid refinement with a rejection test.")
-@click.option("--hard-classes", default=None, help="Comma-separated training ids (default: the dataset description's set).")
+@click.option("--hard-classes", default=None, callback=int_list, help="Comma-separated training ids (default: the dataset description's set).")
 @click.option("--splits", default=None, help="Comma-separated splits to prepare (train,val,test).")
-@click.option("--sequences", default=None, help="Comma-separated sequences to prepare.")
+@click.option("--sequences", default=None, callback=sequence_names, help="Comma-separated sequences to prepare.")
 @click.option("--frames-per-shard", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--moving-threshold", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="World-frame centroid travel (m) over the window that marks an instance as moving.")
@@ -99,11 +160,12 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
     """Align poses and fuse hard-class instances into Zarr shards + a Parquet manifest."""
     import time
 
+    from m2skd.dataset_spec import load_spec
     from m2skd.fusion import FusionConfig
     from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
-    hard = tuple(int(c) for c in csv_list(hard_classes)) if hard_classes else None
-    cfg = PrepareConfig(FusionConfig(mode=fusion, k=k, align=align, moving_threshold_m=moving_threshold), frames_per_shard, dataset, hard)
+    load_spec(dataset).check_splits(csv_list(splits))
+    cfg = PrepareConfig(FusionConfig(mode=fusion, k=k, align=align, moving_threshold_m=moving_threshold), frames_per_shard, dataset, hard_classes)
     progress = Progress("prepare")
     t0 = time.perf_counter()
     summary = run_prepare(data, run_dir, cfg, jobs=jobs, splits=csv_list(splits), sequences=csv_list(sequences),
@@ -121,11 +183,11 @@ def train_options(fn):
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. --set steps=500."),
         click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default=None, help="Sparse backend (overrides config)."),
         click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default=None, help="Mixed precision (torch backend)."),
-        click.option("--steps", type=int, default=None),
-        click.option("--name", default=None, help="Output folder under RUN_DIR (default: the role)."),
+        click.option("--steps", type=click.IntRange(min=1), default=None),
+        click.option("--name", default=None, callback=folder_name, help="Output folder under RUN_DIR (default: the role)."),
         click.option("--resume", is_flag=True, help="Continue from RUN_DIR/<name>/checkpoints/last.pt."),
         click.option("--overwrite", is_flag=True, help="Start again, replacing existing checkpoints."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun each rank's own GPU)."),
+        click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun each rank's own GPU)."),
         click.option("--allow-world-size-change", is_flag=True, help="Resume on another number of processes (changes the global batch)."),
     ]
     for option in reversed(options):
@@ -190,7 +252,7 @@ def train_student(no_distill, **kwargs):
 @click.option("--feature-layer", type=click.Choice(["dec1", "dec2", "dec3", "dec4"]), default="dec4", show_default=True,
               help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer).")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads-per-job", default=None, type=click.IntRange(min=1), help="torch threads per job (default: cores / jobs).")
 @click.option("--dask-scheduler", default=None)
@@ -216,18 +278,20 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default="val", show_default=True)
 @click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False), help="Dataset root (default: the one the run was prepared from).")
-@click.option("--sequences", default=None)
-@click.option("--out", "out_dir", default=None, help="Where metrics and plots go (default RUN_DIR/eval).")
+@click.option("--sequences", default=None, callback=sequence_names)
+@click.option("--out", "out_dir", default=None, type=OUT_DIR, help="Where metrics and plots go (default RUN_DIR/eval).")
 @click.option("--save-labels", default=None, type=click.Path(file_okay=False), help="Write raw-id .label predictions here.")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", default=None)
-@click.option("--workers", default=2, show_default=True)
-@click.option("--max-scans", default=None, type=int, help="Evaluate an evenly spaced subset.")
+@click.option("--device", type=DEVICE, default=None)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-scans", default=None, type=click.IntRange(min=1), help="Evaluate an evenly spaced subset.")
 @friendly_errors
 def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, backend, device, workers, max_scans):
     """Official SemanticKITTI metrics for checkpoints side by side; CSV, JSON and PNG reports."""
-    from m2skd.pipeline.evaluate import run_eval
+    from m2skd.pipeline.evaluate import run_eval, spec_for_checkpoint
 
+    if not sequences:
+        spec_for_checkpoint(checkpoints[0]).check_splits([split], "--split")
     bar = Progress("eval")
     out = run_eval(checkpoints, split, data_root, csv_list(sequences), out_dir, save_labels, backend, device, workers,
                    max_scans=max_scans, progress=bar)
@@ -238,7 +302,7 @@ def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, bac
 
 
 @main.command()
-@click.option("--out", "out_dir", default="runs/demo", show_default=True, help="Everything lands here: data/ and run/.")
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=OUT_DIR, help="Everything lands here: data/ and run/.")
 @click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
@@ -250,7 +314,6 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
     """The whole method on a small synthetic dataset, ending in a comparison table."""
     import time
 
-    from m2skd.train_config import parse_overrides
     from m2skd.pipeline.demo import run_demo
 
     t0 = time.perf_counter()
@@ -262,7 +325,7 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
             seeds = [int(v) for v in student_seeds.split(",")]
         except ValueError:
             raise click.BadParameter(f"expected comma-separated integers, got {student_seeds!r}", param_hint="--student-seeds")
-    result = run_demo(out_dir, size=size, seed=seed, backend=backend, overrides=parse_overrides(overrides),
+    result = run_demo(out_dir, size=size, seed=seed, backend=backend, overrides=check_overrides(size, overrides),
                       student_seeds=seeds, on_stage=lambda name: click.echo(f"== {name}", err=True), progress_factory=progress_factory)
     progress_factory.close()
     click.echo(f"\nm2skd demo: {result['prepare']['scans']} synthetic scans, hard-class points per instance "
@@ -281,10 +344,10 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
 
 
 @main.command()
-@click.option("--out", "out_dir", default="bench", show_default=True, help="Work files and bench-<machine>.json go here.")
-@click.option("--frames", default=48, show_default=True, help="Scans per synthetic sequence (train 00, val 08).")
+@click.option("--out", "out_dir", default="bench", show_default=True, type=OUT_DIR, help="Work files and bench-<machine>.json go here.")
+@click.option("--frames", default=48, show_default=True, type=click.IntRange(min=2), help="Scans per synthetic sequence (train 00, val 08).")
 @click.option("--depth", type=click.Choice(["18", "34"]), default="34", show_default=True)
-@click.option("--repeats", default=2, show_default=True)
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--gpu", is_flag=True, help="Time training rows on CUDA (torch fp32 and bf16; MinkowskiEngine if built with CUDA).")
 @click.option("--quick", is_flag=True, help="Smaller scans (32 beams): a smoke run, not the figures of record.")
 @friendly_errors
@@ -302,17 +365,18 @@ def bench(out_dir, frames, depth, repeats, gpu, quick):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_dir", default=None, help="Where the PNGs go (default RUN_DIR/show).")
+@click.option("--out", "out_dir", default=None, type=OUT_DIR, help="Where the PNGs go (default RUN_DIR/show).")
 @click.option("--views", default="bev,fusion,cache", show_default=True,
               help="bev: one val scan, ground truth beside each checkpoint; fusion: one hard-class instance before/after "
                    "fusion; cache: teacher-cache targets beside the students on one train scan.")
 @click.option("--checkpoint", "checkpoints", multiple=True, metavar="NAME|PATH",
               help="A run name under RUN_DIR (distilled, baseline-s1, ...) or a model.pt (repeatable; default: "
                    "baseline, distilled, teacher).")
-@click.option("--scan", default=None, metavar="SEQ/FRAME", help="Scan for bev and fusion (default: the one with most hard-class instances).")
-@click.option("--cache-scan", default=None, metavar="SEQ/FRAME", help="Scan for the cache view (a cached train scan).")
+@click.option("--scan", default=None, metavar="SEQ/FRAME", callback=scan_id,
+              help="Scan for bev and fusion (default: the one with most hard-class instances).")
+@click.option("--cache-scan", default=None, metavar="SEQ/FRAME", callback=scan_id, help="Scan for the cache view (a cached train scan).")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, type=DEVICE)
 @friendly_errors
 def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device):
     """PNG pictures of a run: predictions from above, fusion of one instance, teacher targets."""
@@ -324,7 +388,7 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
 
 
 @main.command()
-@click.option("--out", "out_dir", default="runs/demo", show_default=True,
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=OUT_DIR,
               help="A demo directory: its data, teacher and cache are reused (made first if missing).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, metavar="S1,S2,...", help="Student seeds, one distilled/baseline pair each.")
 @click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
@@ -338,7 +402,6 @@ def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
     """Distillation effect over paired seeds: mean, 95% t-interval and per-seed values per class,
     for hard-class mIoU, mIoU and the sparse-instance buckets. Re-running adds seeds."""
     from m2skd.losses import KD_FORMS
-    from m2skd.train_config import parse_overrides
     from m2skd.pipeline.study import run_study
 
     try:
@@ -352,7 +415,7 @@ def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
     progress_factory = StageBars()
 
     result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, kd_forms=forms,
-                       overrides=parse_overrides(overrides), on_stage=lambda name: click.echo(f"== {name}", err=True),
+                       overrides=check_overrides(size, overrides), on_stage=lambda name: click.echo(f"== {name}", err=True),
                        progress_factory=progress_factory)
     progress_factory.close()
     table = result["table"]
