@@ -261,8 +261,6 @@ def train_student(no_distill, **kwargs):
 def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, feature_layer, backend, device, jobs, threads_per_job,
                   dask_scheduler, overwrite):
     """Run the teacher once over the fused shards; store its targets at the single-scan points."""
-    import os
-
     from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
 
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
