@@ -98,6 +98,16 @@ DEVICE = Device()
 OUT_DIR = click.Path(file_okay=False)
 
 
+def stage_announcer(progress_factory: StageBars):
+    """on_stage for demo and study: closes the finished stage's progress, then names the next."""
+
+    def announce(name: str) -> None:
+        progress_factory.close()
+        click.echo(f"== {name}", err=True)
+
+    return announce
+
+
 def check_overrides(size: str, overrides) -> dict:
     """The demo's and the study's --set values, checked against their config before any work."""
     from m2skd.pipeline.demo import SIZES
@@ -324,7 +334,7 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
         except ValueError:
             raise click.BadParameter(f"expected comma-separated integers, got {student_seeds!r}", param_hint="--student-seeds")
     result = run_demo(out_dir, size=size, seed=seed, backend=backend, overrides=check_overrides(size, overrides),
-                      student_seeds=seeds, on_stage=lambda name: click.echo(f"== {name}", err=True), progress_factory=progress_factory)
+                      student_seeds=seeds, on_stage=stage_announcer(progress_factory), progress_factory=progress_factory)
     progress_factory.close()
     click.echo(f"\nm2skd demo: {result['prepare']['scans']} synthetic scans, hard-class points per instance "
                f"{result['prepare']['median_points_per_hard_instance_single']:.0f} (single) -> "
@@ -413,7 +423,7 @@ def study(out_dir, seeds, size, seed, kd_forms, backend, overrides):
     progress_factory = StageBars()
 
     result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, kd_forms=forms,
-                       overrides=check_overrides(size, overrides), on_stage=lambda name: click.echo(f"== {name}", err=True),
+                       overrides=check_overrides(size, overrides), on_stage=stage_announcer(progress_factory),
                        progress_factory=progress_factory)
     progress_factory.close()
     table = result["table"]

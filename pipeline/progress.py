@@ -4,8 +4,11 @@ On a terminal a stage shows a tqdm bar. Anywhere else (nohup, SLURM, CI) a bar i
 nothing or a flood of carriage returns, and a slow run cannot be told from a hung one; there a
 stage prints one plain line (done/total, rate, elapsed, ETA) at most every 30 s, and a heartbeat
 thread keeps that pace (a line every 30-35 s, so well within a minute) even while one step or one
-shard takes longer; then one closing line. The pipeline calls `progress(total=, advance=, set_to=, postfix=)`; both kinds
-take those calls.
+shard takes longer; then one closing line.
+
+The pipeline calls `progress(total=, advance=, set_to=, postfix=)`; both kinds take those calls.
+`total=` alone starts a new count (eval's next checkpoint); with `set_to=` (training steps) it
+only sets the total.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ class LogLines:
     def __call__(self, total=None, done=None, advance=None, postfix=None, set_to=None):
         with self.lock:
             now = self.clock()
-            if total is not None and total != self.total:
+            if total is not None and (set_to is None or total != self.total):  # a new count (eval's next checkpoint)
                 self.total, self.n, self.rate_from = total, 0, (now, 0)
             if set_to is not None:
                 if self.n == 0 and self.rate_from[1] == 0:  # a resumed run: rate from where it starts
@@ -120,7 +123,7 @@ class Bar:
         self.bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True, file=stream or sys.stderr)
 
     def __call__(self, total=None, done=None, advance=None, postfix=None, set_to=None):
-        if total is not None and total != self.bar.total:
+        if total is not None and (set_to is None or total != self.bar.total):
             self.bar.reset(total=total)
         if set_to is not None:
             self.bar.n = set_to

@@ -64,8 +64,11 @@ def test_slow_rate_resume_and_reset():
         clock.now += 20
         progress(set_to=progress.n + 1)
     assert lines_of(out) == ["[train-student] 42/100 steps (42%), 20 s/step, elapsed 0:40, ETA 19:20"]
-    progress(total=8)  # a new total (eval's next checkpoint) starts the count again
+    progress(total=8)  # a new count (eval's next checkpoint) starts again
     assert progress.n == 0 and progress.total == 8
+    progress(advance=8)
+    progress(total=8)  # the same total again: still a new count
+    assert progress.n == 0
 
 
 def test_terminal_gets_a_bar_logs_get_lines_and_heartbeats_stop():
