@@ -111,6 +111,8 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
     announce("synth")
     if not (data / "sequences").is_dir() or len(list((data / "sequences").iterdir())) < len(s.train_sequences + s.val_sequences):
         p = bar("synth")
+        if p:
+            p(total=s.frames * len(s.train_sequences) + s.val_frames * len(s.val_sequences))
         for sequences, frames in ((s.train_sequences, s.frames), (s.val_sequences, s.val_frames)):
             generate_dataset(data, sequences=sequences, frames=frames, seed=seed,
                              config=SynthConfig(beams=s.beams, azimuth_steps=s.azimuth_steps), jobs=s.jobs,
