@@ -21,6 +21,17 @@ def run(cmd, cwd, env, timeout=300):
     return proc.stdout
 
 
+def fresh_venv(venv: Path, env: dict):
+    """A virtual environment whose dependencies (and pip) are this interpreter's: a path listed in
+    a .pth file is not a site dir, so the .pth files there (an editable m2skd among them) stay inert."""
+    run([sys.executable, "-m", "venv", "--without-pip", venv], venv.parent, env)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    py = bin_dir / "python"
+    purelib = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], venv.parent, env).strip())
+    (purelib / "_reuse_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return venv, bin_dir, py
+
+
 @pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     pytest.importorskip("setuptools", reason="the wheel is built without isolation, with this environment's setuptools")
@@ -37,14 +48,7 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
                  "m2skd/configs/demo.yaml", "m2skd/configs/semantickitti.yaml"):
         assert path in names, path
 
-    venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path, env)
-    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
-    py = bin_dir / "python"
-    purelib = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env).strip())
-    # dependencies (and pip) from this interpreter; a path in a .pth is not a site dir, so its own
-    # .pth files (an editable m2skd among them) stay inert
-    (purelib / "_reuse_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    venv, bin_dir, py = fresh_venv(tmp_path / "venv", env)
     run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel], tmp_path, env)
 
     work = tmp_path / "elsewhere"
@@ -61,3 +65,23 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     out = run([bin_dir / "m2skd", "train-teacher", "run", "--config", "demo", "--steps", "2", "--backend", "torch", "--device", "cpu",
                "--set", "widths=8,8,8,8,8,8,8,8", "--set", "stem_width=8", "--set", "val_every=0"], work, env)
     assert "trained teacher" in out and (work / "run" / "teacher" / "model.pt").is_file(), out
+
+
+@pytest.mark.slow
+def test_editable_install_resolves_the_same_names(tmp_path):
+    """scripts/setup_env.sh installs the checkout editable: m2skd.pipeline, m2skd.cli and the
+    package data resolve to the checkout's top-level folders, from any directory."""
+    pytest.importorskip("setuptools", reason="the editable wheel is built with this environment's setuptools")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=SKIP)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    _, bin_dir, py = fresh_venv(tmp_path / "venv", env)
+    run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation", "--ignore-installed", "-e", src],
+        tmp_path, env)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = run([py, "-c", "import m2skd.cli as c, m2skd.pipeline.prepare as p; from m2skd.dataset_spec import MANIFEST_DIR;"
+                 "from m2skd.train_config import CONFIG_DIR; print(c.__file__, p.__file__, MANIFEST_DIR, CONFIG_DIR)"], work, env)
+    assert where.split() == [str(src / "cli.py"), str(src / "pipeline" / "prepare.py"), str(src / "data_manifests"),
+                             str(src / "configs")], where
+    assert "Usage: m2skd" in run([bin_dir / "m2skd", "--help"], work, env)
