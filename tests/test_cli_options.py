@@ -125,13 +125,12 @@ def bad_values(command: str, param: click.Parameter, w: dict) -> list[str]:
             return [str(w["file"])]
         if not kind.dir_okay:
             return [str(w["empty"])]
-    key = next((k for k in ((command, param.opts[-1]), ("train-*", param.opts[-1])) if k in BAD_TEXT
-                and (k[0] == command or command.startswith("train-"))), None)
-    if key is None:
-        if (command, param.opts[-1]) in ANY_TEXT:
-            return []
-        raise AssertionError(f"{command} {param.opts[-1]}: add an invalid value to BAD_TEXT (or the option to ANY_TEXT)")
-    return [BAD_TEXT[key].format(file=w["file"], missing=w["missing"])]
+    key = ("train-*" if command.startswith("train-") else command, param.opts[-1])
+    if key in BAD_TEXT:
+        return [BAD_TEXT[key].format(file=w["file"], missing=w["missing"])]
+    if key in ANY_TEXT:
+        return []
+    raise AssertionError(f"{command} {param.opts[-1]}: add an invalid value to BAD_TEXT (or the option to ANY_TEXT)")
 
 
 def cases(w: dict) -> list[tuple]:
