@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import functools
-import sys
+import os
 
 import click
 
 from m2skd.errors import M2SKDError
 from m2skd.teacher_cache import DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, FEATURE_ENCODINGS, LOGIT_ENCODINGS
+from m2skd.pipeline.progress import Progress, StageBars, stop_all
 
 
 def friendly_errors(fn):
@@ -23,51 +24,10 @@ def friendly_errors(fn):
         except OSError as exc:
             where = exc.filename or ""
             raise click.ClickException(f"{where}: {exc.strerror or exc}" if where else str(exc)) from None
+        finally:
+            stop_all()
 
     return wrapper
-
-
-class Progress:
-    """Adapter from the pipeline's progress(total=, done=, advance=) calls to a tqdm bar."""
-
-    def __init__(self, desc: str, unit: str = "scan"):
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True, disable=None, file=sys.stderr)
-
-    def __call__(self, total=None, done=None, advance=None, postfix=None, set_to=None):
-        if total is not None and total != self.bar.total:
-            self.bar.reset(total=total)
-        if set_to is not None:
-            self.bar.n = set_to
-            self.bar.refresh()
-        if done:
-            self.bar.update(done)
-        if advance:
-            self.bar.update(advance)
-        if postfix:
-            self.bar.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False)
-
-    def close(self):
-        self.bar.close()
-
-
-class StageBars:
-    """One progress bar at a time for a multi-stage command: calling it with a stage name
-    closes the previous stage's bar and opens the next."""
-
-    def __init__(self):
-        self.bar = None
-
-    def __call__(self, name: str) -> Progress:
-        self.close()
-        self.bar = Progress(name, unit="step" if name.startswith("train") else "scan")
-        return self.bar
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def echo_summary(title: str, summary: dict) -> None:
@@ -89,6 +49,76 @@ def csv_list(value):
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
+# Checks of option values that click's types cannot express, so a bad value is one line naming the
+# option before any work starts.
+
+def int_list(ctx, param, value):
+    try:
+        return tuple(int(v) for v in csv_list(value)) if value else None
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def sequence_names(ctx, param, value):
+    names = csv_list(value)
+    bad = [n for n in names or () if not n.isdigit()]
+    if bad:
+        raise click.BadParameter(f"sequences are numbered folders (00, 08, ...), got {', '.join(bad)}")
+    return value
+
+
+def folder_name(ctx, param, value):
+    if value is not None and (not value or value in (".", "..") or "/" in value or "\\" in value):
+        raise click.BadParameter(f"a folder name under RUN_DIR, got {value!r}")
+    return value
+
+
+def scan_id(ctx, param, value):
+    seq, _, frame = (value or "").partition("/")
+    if value is not None and not (seq.isdigit() and frame.isdigit()):
+        raise click.BadParameter(f"expected SEQ/FRAME such as 08/000123, got {value!r}")
+    return value
+
+
+class Device(click.ParamType):
+    """cpu, cuda, cuda:1, ...: whatever torch.device accepts."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            self.fail(f"{value!r} is not a device (cpu, cuda, cuda:1, ...)", param, ctx)
+        return value
+
+
+DEVICE = Device()
+OUT_DIR = click.Path(file_okay=False)
+
+
+def stage_announcer(progress_factory: StageBars):
+    """on_stage for demo and study: closes the finished stage's progress, then names the next."""
+
+    def announce(name: str) -> None:
+        progress_factory.close()
+        click.echo(f"== {name}", err=True)
+
+    return announce
+
+
+def check_overrides(size: str, overrides) -> dict:
+    """The demo's and the study's --set values, checked against their config before any work."""
+    from m2skd.pipeline.demo import SIZES
+    from m2skd.train_config import load_config, parse_overrides
+
+    values = parse_overrides(overrides)
+    load_config(SIZES[size].config, values)
+    return values
+
+
 @click.group()
 @click.version_option(package_name="m2skd")
 def main():
@@ -97,12 +127,13 @@ def main():
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--sequences", default="00,08", show_default=True, help="Comma-separated sequence names (their split follows SemanticKITTI).")
-@click.option("--frames", default=20, show_default=True, help="Scans per sequence.")
+@click.option("--sequences", default="00,08", show_default=True, callback=sequence_names,
+              help="Comma-separated sequence names (their split follows SemanticKITTI).")
+@click.option("--frames", default=20, show_default=True, type=click.IntRange(min=1), help="Scans per sequence.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--beams", default=64, show_default=True, help="Laser beams (size knob).")
-@click.option("--azimuth-steps", default=2048, show_default=True, help="Columns per revolution (size knob).")
-@click.option("--jobs", default=1, show_default=True)
+@click.option("--beams", default=64, show_default=True, type=click.IntRange(min=2), help="Laser beams (size knob).")
+@click.option("--azimuth-steps", default=2048, show_default=True, type=click.IntRange(min=8), help="Columns per revolution (size knob).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
 @friendly_errors
 def synth(out, sequences, frames, seed, beams, azimuth_steps, jobs):
     """Write a synthetic SemanticKITTI-layout dataset from a simulated spinning LiDAR."""
@@ -128,7 +159,7 @@ def stats(data, sequences, jobs, shapes, json_out):
     """Class shares against SemanticKITTI's and hard-class instances by points and range, per split."""
     from m2skd.atomic import write_json_atomic
     from m2skd.dataset_stats import format_instances, format_shares
-    from pipeline.stats import run_stats
+    from m2skd.pipeline.stats import run_stats
 
     if data is None and not shapes:
         raise click.UsageError("give a dataset directory DATA, or --shapes")
@@ -165,9 +196,9 @@ def stats(data, sequences, jobs, shapes, json_out):
 @click.option("-k", "--k", "k", default=4, show_default=True, type=click.IntRange(min=1), help="Previous scans fused into each scan.")
 @click.option("--align", type=click.Choice(["centroid", "icp"]), default="centroid", show_default=True,
               help="Moving instances: centroid offset; icp adds a rigid refinement with a rejection test.")
-@click.option("--hard-classes", default=None, help="Comma-separated training ids (default: the dataset description's set).")
+@click.option("--hard-classes", default=None, callback=int_list, help="Comma-separated training ids (default: the dataset description's set).")
 @click.option("--splits", default=None, help="Comma-separated splits to prepare (train,val,test).")
-@click.option("--sequences", default=None, help="Comma-separated sequences to prepare.")
+@click.option("--sequences", default=None, callback=sequence_names, help="Comma-separated sequences to prepare.")
 @click.option("--frames-per-shard", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--moving-threshold", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="World-frame centroid travel (m) over the window that marks an instance as moving.")
@@ -185,11 +216,12 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
     """Align poses and fuse hard-class instances into Zarr shards + a Parquet manifest."""
     import time
 
+    from m2skd.dataset_spec import load_spec
     from m2skd.fusion import FusionConfig
-    from pipeline.prepare import PrepareConfig, run_prepare
+    from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
-    hard = tuple(int(c) for c in csv_list(hard_classes)) if hard_classes else None
-    cfg = PrepareConfig(FusionConfig(mode=fusion, k=k, align=align, moving_threshold_m=moving_threshold), frames_per_shard, dataset, hard)
+    load_spec(dataset).check_splits(csv_list(splits))
+    cfg = PrepareConfig(FusionConfig(mode=fusion, k=k, align=align, moving_threshold_m=moving_threshold), frames_per_shard, dataset, hard_classes)
     progress = Progress("prepare")
     t0 = time.perf_counter()
     summary = run_prepare(data, run_dir, cfg, jobs=jobs, splits=csv_list(splits), sequences=csv_list(sequences),
@@ -208,11 +240,11 @@ def train_options(fn):
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. --set steps=500."),
         click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default=None, help="Sparse backend (overrides config)."),
         click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default=None, help="Mixed precision (torch backend)."),
-        click.option("--steps", type=int, default=None),
-        click.option("--name", default=None, help="Output folder under RUN_DIR (default: the role)."),
+        click.option("--steps", type=click.IntRange(min=1), default=None),
+        click.option("--name", default=None, callback=folder_name, help="Output folder under RUN_DIR (default: the role)."),
         click.option("--resume", is_flag=True, help="Continue from RUN_DIR/<name>/checkpoints/last.pt."),
         click.option("--overwrite", is_flag=True, help="Start again, replacing existing checkpoints."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun each rank's own GPU)."),
+        click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun each rank's own GPU)."),
         click.option("--allow-world-size-change", is_flag=True, help="Resume on another number of processes (changes the global batch)."),
     ]
     for option in reversed(options):
@@ -232,16 +264,18 @@ def run_training(role, run_dir, config_path, overrides, backend, amp, steps, nam
     cfg = load_config(config_path or "semantickitti", values)
     if no_distill:
         cfg = cfg.no_distill()
-    bar = Progress(f"train-{name or ('baseline' if no_distill else role)}", unit="step")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports (train() calls back on it alone)
+    bar = Progress(f"train-{name or ('baseline' if no_distill else role)}", unit="step") if main_rank else None
     shown = ("loss", "ce", "lovasz", "kd", "feat", "affinity", "val_miou")
 
     def callback(step, total, logs):
         bar(total=total, set_to=step, postfix={k: logs[k] for k in shown if k in logs})
 
     announce_backend(cfg.backend)
-    result = train(run_dir, role, cfg, name=name, resume=resume, overwrite=overwrite, device=device, callback=callback,
-                   allow_world_size_change=allow_world_size_change)
-    bar.close()
+    result = train(run_dir, role, cfg, name=name, resume=resume, overwrite=overwrite, device=device,
+                   callback=callback if bar else None, allow_world_size_change=allow_world_size_change)
+    if bar:
+        bar.close()
     last = result["history"][-1] if result["history"] else {}
     echo_summary(f"trained {role} -> {result['checkpoint']}",
                  {"steps": result["steps_done"], "seconds": result["seconds"], **{f"val_{k}": v for k, v in last.items() if k != "step"}})
@@ -279,7 +313,7 @@ def train_student(no_distill, **kwargs):
               help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer; "
                    "*_preact: before the stage's last ReLU).")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads-per-job", default=None, type=click.IntRange(min=1), help="torch threads per job (default: cores / jobs).")
 @click.option("--dask-scheduler", default=None)
@@ -289,9 +323,7 @@ def train_student(no_distill, **kwargs):
 def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, feature_layer, backend, device, jobs, threads_per_job,
                   dask_scheduler, overwrite, verify):
     """Run the teacher once over the fused shards; store its targets at the single-scan points."""
-    import os
-
-    from pipeline.cache_teacher import CacheConfig, run_cache
+    from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
 
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
     cfg = CacheConfig(logit_encoding, feature_encoding, feature_layer, csv_list(splits), backend, device, threads)
@@ -307,13 +339,13 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default="val", show_default=True)
 @click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False), help="Dataset root (default: the one the run was prepared from).")
-@click.option("--sequences", default=None)
-@click.option("--out", "out_dir", default=None, help="Where metrics and plots go (default RUN_DIR/eval).")
+@click.option("--sequences", default=None, callback=sequence_names)
+@click.option("--out", "out_dir", default=None, type=OUT_DIR, help="Where metrics and plots go (default RUN_DIR/eval).")
 @click.option("--save-labels", default=None, type=click.Path(file_okay=False), help="Write raw-id .label predictions here.")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", default=None)
-@click.option("--workers", default=2, show_default=True)
-@click.option("--max-scans", default=None, type=int, help="Evaluate an evenly spaced subset.")
+@click.option("--device", type=DEVICE, default=None)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-scans", default=None, type=click.IntRange(min=1), help="Evaluate an evenly spaced subset.")
 @click.option("--teacher", default=None, type=click.Path(exists=True), metavar="RUN_DIR|MODEL.PT",
               help="Also report each checkpoint's transfer to this teacher: KL(teacher || student) x T^2 and argmax "
                    "agreement at the split's single-scan points (all, hard-class, per instance bucket), from the "
@@ -321,8 +353,10 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
 @friendly_errors
 def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, backend, device, workers, max_scans, teacher):
     """Official SemanticKITTI metrics for checkpoints side by side; CSV, JSON and PNG reports."""
-    from pipeline.evaluate import run_eval
+    from m2skd.pipeline.evaluate import run_eval, spec_for_checkpoint
 
+    if not sequences:
+        spec_for_checkpoint(checkpoints[0]).check_splits([split], "--split")
     bar = Progress("eval")
     out = run_eval(checkpoints, split, data_root, csv_list(sequences), out_dir, save_labels, backend, device, workers,
                    max_scans=max_scans, progress=bar, teacher=teacher)
@@ -337,7 +371,7 @@ def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, bac
 
 
 @main.command()
-@click.option("--out", "out_dir", default="runs/demo", show_default=True, help="Everything lands here: data/ and run/.")
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=OUT_DIR, help="Everything lands here: data/ and run/.")
 @click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
@@ -349,8 +383,7 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
     """The whole method on a small synthetic dataset, ending in a comparison table."""
     import time
 
-    from m2skd.train_config import parse_overrides
-    from pipeline.demo import run_demo
+    from m2skd.pipeline.demo import run_demo
 
     t0 = time.perf_counter()
     progress_factory = StageBars()
@@ -361,8 +394,8 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
             seeds = [int(v) for v in student_seeds.split(",")]
         except ValueError:
             raise click.BadParameter(f"expected comma-separated integers, got {student_seeds!r}", param_hint="--student-seeds")
-    result = run_demo(out_dir, size=size, seed=seed, backend=backend, overrides=parse_overrides(overrides),
-                      student_seeds=seeds, on_stage=lambda name: click.echo(f"== {name}", err=True), progress_factory=progress_factory)
+    result = run_demo(out_dir, size=size, seed=seed, backend=backend, overrides=check_overrides(size, overrides),
+                      student_seeds=seeds, on_stage=stage_announcer(progress_factory), progress_factory=progress_factory)
     progress_factory.close()
     click.echo(f"\nm2skd demo: {result['prepare']['scans']} synthetic scans, hard-class points per instance "
                f"{result['prepare']['median_points_per_hard_instance_single']:.0f} (single) -> "
@@ -385,40 +418,43 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
 
 
 @main.command()
-@click.option("--out", "out_dir", default="bench", show_default=True, help="Work files and bench-<machine>.json go here.")
-@click.option("--frames", default=48, show_default=True, help="Scans per synthetic sequence (train 00, val 08).")
+@click.option("--out", "out_dir", default="bench", show_default=True, type=OUT_DIR, help="Work files and bench-<machine>.json go here.")
+@click.option("--frames", default=48, show_default=True, type=click.IntRange(min=2), help="Scans per synthetic sequence (train 00, val 08).")
 @click.option("--depth", type=click.Choice(["18", "34"]), default="34", show_default=True)
-@click.option("--repeats", default=2, show_default=True)
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--gpu", is_flag=True, help="Time training rows on CUDA (torch fp32 and bf16; MinkowskiEngine if built with CUDA).")
 @click.option("--quick", is_flag=True, help="Smaller scans (32 beams): a smoke run, not the figures of record.")
 @friendly_errors
 def bench(out_dir, frames, depth, repeats, gpu, quick):
     """Measure every stage against its baseline in one run; print one table, write JSON."""
-    from pipeline.bench import format_table, run_bench
+    from m2skd.pipeline.bench import format_table, run_bench
 
+    bar = Progress("bench", unit="stage", bar=False)
     result = run_bench(out_dir, frames=frames, depth=int(depth), repeats=repeats, gpu=gpu, quick=quick,
-                       announce=lambda msg: click.echo(f"== {msg}", err=True))
+                       announce=lambda msg: click.echo(f"== {msg}", err=True), progress=bar)
+    bar.close()
     click.echo(format_table(result))
     click.echo(f"\nwritten {result['path']}")
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_dir", default=None, help="Where the PNGs go (default RUN_DIR/show).")
+@click.option("--out", "out_dir", default=None, type=OUT_DIR, help="Where the PNGs go (default RUN_DIR/show).")
 @click.option("--views", default="bev,fusion,cache", show_default=True,
               help="bev: one val scan, ground truth beside each checkpoint; fusion: one hard-class instance before/after "
                    "fusion; cache: teacher-cache targets beside the students on one train scan.")
 @click.option("--checkpoint", "checkpoints", multiple=True, metavar="NAME|PATH",
               help="A run name under RUN_DIR (distilled, baseline-s1, ...) or a model.pt (repeatable; default: "
                    "baseline, distilled, teacher).")
-@click.option("--scan", default=None, metavar="SEQ/FRAME", help="Scan for bev and fusion (default: the one with most hard-class instances).")
-@click.option("--cache-scan", default=None, metavar="SEQ/FRAME", help="Scan for the cache view (a cached train scan).")
+@click.option("--scan", default=None, metavar="SEQ/FRAME", callback=scan_id,
+              help="Scan for bev and fusion (default: the one with most hard-class instances).")
+@click.option("--cache-scan", default=None, metavar="SEQ/FRAME", callback=scan_id, help="Scan for the cache view (a cached train scan).")
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, type=DEVICE)
 @friendly_errors
 def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device):
     """PNG pictures of a run: predictions from above, fusion of one instance, teacher targets."""
-    from pipeline.show import run_show
+    from m2skd.pipeline.show import run_show
 
     written = run_show(run_dir, out_dir, checkpoints or None, csv_list(views) or (), scan, cache_scan, backend, device)
     for view, info in written.items():
@@ -426,7 +462,7 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
 
 
 @main.command()
-@click.option("--out", "out_dir", default="runs/demo", show_default=True,
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=OUT_DIR,
               help="A demo directory: its data, teacher and cache are reused (made first if missing).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, metavar="S1,S2,...", help="Student seeds, one distilled/baseline pair each.")
 @click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
@@ -446,8 +482,7 @@ def study(out_dir, seeds, size, seed, kd_forms, teachers, backend, overrides):
     each class and the sparse-instance buckets. Re-running adds what is missing (seeds, forms, teachers)."""
     from m2skd.fusion import FUSION_MODES
     from m2skd.losses import KD_FORMS
-    from m2skd.train_config import parse_overrides
-    from pipeline.study import run_study
+    from m2skd.pipeline.study import run_study
 
     try:
         seed_list = [int(v) for v in csv_list(seeds) or ()]
@@ -463,7 +498,7 @@ def study(out_dir, seeds, size, seed, kd_forms, teachers, backend, overrides):
     progress_factory = StageBars()
 
     result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, kd_forms=forms,
-                       overrides=parse_overrides(overrides), on_stage=lambda name: click.echo(f"== {name}", err=True),
+                       overrides=check_overrides(size, overrides), on_stage=stage_announcer(progress_factory),
                        progress_factory=progress_factory, teachers=teacher_list)
     progress_factory.close()
     table = result["table"]

@@ -56,7 +56,6 @@ class ScanDataset(Dataset):
         self.voxel_size = voxel_size
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
         self.with_cache = with_cache
         self.label_fused = label_fused
         self._readers: dict[str, RaggedReader] = {}
@@ -70,9 +69,6 @@ class ScanDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def _reader(self, path: Path) -> RaggedReader:
         key = str(path)
         if key not in self._readers:
@@ -81,7 +77,7 @@ class ScanDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         """key: index, or (index, epoch) from a ResumableBatchSampler (epoch seeds augmentation)."""
-        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         n_single = int(self._n_single[i])
         n = n_single + (int(self._n_fused[i]) if self.input_kind == "fused" else 0)
         shard = self._reader(self.run.prepare / self._shard[i])

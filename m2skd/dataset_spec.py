@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-MANIFEST_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
+from .errors import M2SKDError
+from .resources import resource_dir
+
+MANIFEST_DIR = resource_dir("data_manifests")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,12 @@ class DatasetSpec:
             if sequence in seqs:
                 return split
         return "unknown"
+
+    def check_splits(self, names, option: str = "--splits") -> None:
+        """Refuse split names this description does not have (a typo would select nothing)."""
+        bad = [n for n in names or () if n not in self.splits]
+        if bad:
+            raise M2SKDError(f"{option}: unknown split {', '.join(bad)}; {self.name} has {', '.join(self.splits)}")
 
     def with_hard_classes(self, hard_classes) -> "DatasetSpec":
         from dataclasses import replace

@@ -1,4 +1,4 @@
-"""Multi-scan fusion of hard-class instances (DESIGN.md section 3).
+"""Multi-scan fusion of hard-class instances (docs/method.md, multi-scan fusion).
 
 For scan t, the points of each hard-class instance present in t are taken from scans
 t-1..t-k, brought into frame t with the poses, aligned to the instance in t (moving

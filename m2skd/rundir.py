@@ -31,7 +31,3 @@ class RunDir:
     def model_dir(self, name: str) -> Path:
         """teacher, student, baseline, ...: checkpoints, config, TensorBoard logs."""
         return self.root / name
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"

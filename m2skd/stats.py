@@ -1,4 +1,4 @@
-"""Paired effects over seeds with a t confidence interval (DESIGN §3, evidence protocol).
+"""Paired effects over seeds with a t confidence interval (docs/method.md, evidence protocol).
 
 A distillation effect is the paired difference distilled - baseline per seed; one seed is an
 anecdote, so the mean over seeds carries a 95% t-interval, mean +- t_{0.975, n-1} sd / sqrt(n).

@@ -10,8 +10,9 @@ import yaml
 from .errors import M2SKDError
 from .losses import AFFINITY_FORMS, DEFAULT_DISTILL_CONFIG, KD_FORMS, kd_weight_for
 from .models import FEATURE_NAMES
+from .resources import resource_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = resource_dir("configs")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from m2skd.rundir import RunDir
 from m2skd.synth import SynthConfig, generate_dataset
 from m2skd.teacher_cache import (DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, FEATURE_ENCODINGS, LOGIT_ENCODINGS,
                                  decode_features, decode_logits, encode_features, encode_logits, kl_per_point)
-from m2skd.train_config import load_config
+from m2skd.train_config import ConfigError, load_config
 from m2skd.trainer import load_checkpoint, save_atomic, spec_for_run, train, training_step
 from m2skd.transforms import AugmentConfig
 
@@ -376,15 +376,30 @@ def bench_sparse_conv(run: Path, backbone_rows: list[dict], device: torch.device
 # --- the whole run ------------------------------------------------------------------------
 
 def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu: bool = False, quick: bool = False,
-              announce=None) -> dict:
-    announce = announce or (lambda msg: None)
+              announce=None, progress=None) -> dict:
+    """announce(name) at the start of each stage; progress(total=, advance=) counts the stages."""
+    if gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu: no CUDA device visible to PyTorch")
     out_dir = Path(out_dir)
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if gpu else "cpu")
-    if gpu and not torch.cuda.is_available():
-        raise RuntimeError("--gpu: no CUDA device visible to PyTorch")
     cores = os.cpu_count() or 1
+    backends = ["torch"] + (["minkowski"] if minkowski_available() and (not gpu or _minkowski_cuda()) else [])
+    amps = ["none", "bf16"] if gpu else ["none"]
+    variants = [(backend, amp) for backend in backends for amp in (amps if backend == "torch" else ["none"])]
+    stages_started = []
+
+    tell = announce or (lambda name: None)
+
+    def announce(name):  # tells the caller, and counts the stage before it as done
+        if progress and stages_started:
+            progress(advance=1)
+        stages_started.append(name)
+        tell(name)
+
+    if progress:
+        progress(total=8 + len(variants))
     data = work / "data"
     synth_cfg = SynthConfig() if not quick else SynthConfig(beams=32, azimuth_steps=1024)
     result: dict = {"machine": machine_name(), "torch": torch.__version__, "device": str(device), "frames": frames,
@@ -408,9 +423,6 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
     announce("input pipeline")
     result["loader"] = bench_loader(run, samples=min(8, frames))
 
-    backends = ["torch"] + (["minkowski"] if minkowski_available() and (not gpu or _minkowski_cuda()) else [])
-    amps = ["none", "bf16"] if gpu else ["none"]
-    variants = [(backend, amp) for backend in backends for amp in (amps if backend == "torch" else ["none"])]
     result["train_step"] = []
     for backend, amp in variants:
         announce(f"train steps: {backend} {amp}")
@@ -429,6 +441,8 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
     ev = run_eval([ckpt], split="val", data_root=data, out_dir=work / "eval", device=str(device), workers=min(2, cores), max_scans=4)
     result["eval"] = {"points_per_s": ev["results"]["eval_model"]["points_per_second"], "backend": model.backend}
 
+    if progress:
+        progress(advance=1)
     result["budgets"] = check_budgets(result)
     path = out_dir / f"bench-{result['machine']}.json"
     write_json_atomic(path, result)

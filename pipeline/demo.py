@@ -121,6 +121,8 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
     announce("synth")
     if not (data / "sequences").is_dir() or len(list((data / "sequences").iterdir())) < len(s.train_sequences + s.val_sequences):
         p = bar("synth")
+        if p:
+            p(total=s.frames * len(s.train_sequences) + s.val_frames * len(s.val_sequences))
         for sequences, frames, floor in ((s.train_sequences, s.frames, 0.0),
                                          (s.val_sequences, s.val_frames, s.val_min_hard_per_100m)):
             generate_dataset(data, sequences=sequences, frames=frames, seed=seed,

@@ -6,6 +6,8 @@ from typing import Callable, Iterable
 
 from joblib import Parallel, delayed, parallel_config
 
+from m2skd.errors import M2SKDError
+
 
 @contextlib.contextmanager
 def backend(dask_scheduler: str | None):
@@ -13,9 +15,15 @@ def backend(dask_scheduler: str | None):
     if not dask_scheduler:
         yield
         return
-    from distributed import Client  # noqa: PLC0415 - optional dependency
-
-    with Client(dask_scheduler), parallel_config(backend="dask"):
+    try:
+        from distributed import Client  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise M2SKDError("--dask-scheduler needs dask[distributed]: pip install 'm2skd[dask]'") from None
+    try:
+        client = Client(dask_scheduler)
+    except (ValueError, OSError, TimeoutError) as exc:
+        raise M2SKDError(f"--dask-scheduler {dask_scheduler}: no Dask scheduler reached ({str(exc).splitlines()[0]})") from None
+    with client, parallel_config(backend="dask"):
         yield
 
 

@@ -1,7 +1,7 @@
 """`m2skd prepare`: read a SemanticKITTI-layout dataset, fuse hard-class instances from the k
 previous scans, write Zarr shards (one per block of consecutive frames) and a Parquet manifest.
 
-Frames are their file names' numbers (DESIGN.md section 3): the k previous scans of frame t are
+Frames are their file names' numbers (docs/method.md, multi-scan fusion): the k previous scans of frame t are
 the frame numbers t-1..t-k that exist, and frame t's pose is line t of poses.txt.
 
 Resumable: a shard is written whole under a temporary name and renamed; a re-run skips shards

@@ -18,7 +18,7 @@ import torch
 
 from m2skd.atomic import write_json_atomic
 from m2skd.dataset import instance_key
-from m2skd.errors import StaleInputError
+from m2skd.errors import M2SKDError, StaleInputError
 from m2skd.manifest import read_manifest
 from m2skd.ragged import RaggedReader
 from m2skd.render import bev_figure, class_colours, fusion_figure
@@ -83,7 +83,7 @@ def run_show(run_dir, out_dir=None, checkpoints=None, views=VIEWS, scan=None, ca
     run = RunDir(run_dir)
     bad = set(views) - set(VIEWS)
     if bad:
-        raise ValueError(f"unknown views {sorted(bad)}; choose from {VIEWS}")
+        raise M2SKDError(f"--views: unknown views {', '.join(sorted(bad))}; choose from {', '.join(VIEWS)}")
     out = Path(out_dir) if out_dir else run.root / "show"
     spec = spec_for_run(run)
     manifest, _ = read_manifest(run.manifest)

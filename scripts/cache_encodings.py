@@ -27,8 +27,8 @@ from m2skd.metrics import confusion_matrix, summarize
 from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
 from m2skd.trainer import load_checkpoint, spec_for_run
-from pipeline.bench import bench_encodings
-from pipeline.cache_teacher import teacher_outputs
+from m2skd.pipeline.bench import bench_encodings
+from m2skd.pipeline.cache_teacher import teacher_outputs
 
 
 def teacher_quality(run: str, checkpoint: str, split: str, scans: int) -> dict:

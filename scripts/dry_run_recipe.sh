@@ -14,7 +14,7 @@ BACKEND="${BACKEND:-torch}"
 FRAMES="${FRAMES:-3}"
 mkdir -p "$WORK"
 cd "$ROOT"
-m2skd() { "$PY" -m cli "$@"; }
+m2skd() { "$PY" -m m2skd "$@"; }
 
 # The recipe as shipped, shortened: a fixed step count instead of epochs, one scan per step,
 # no loader processes and no validation (2 steps say nothing about accuracy).
@@ -47,7 +47,7 @@ PYEOF
 echo "dry run of configs/semantickitti.yaml in $WORK (backend $BACKEND, $FRAMES scans per sequence)"
 m2skd synth "$WORK/data" --sequences 00,08 --frames "$FRAMES" --beams 64 --jobs 2 > "$WORK/synth.log" 2>&1
 m2skd prepare "$WORK/data" "$WORK/run" --jobs 1 > "$WORK/prepare.log" 2>&1
-measure teacher "$PY" -m cli train-teacher "$WORK/run" "${SHORT[@]}"
-measure cache "$PY" -m cli cache-teacher "$WORK/run" --backend "$BACKEND" --device cpu --overwrite
-measure student "$PY" -m cli train-student "$WORK/run" "${SHORT[@]}"
+measure teacher "$PY" -m m2skd train-teacher "$WORK/run" "${SHORT[@]}"
+measure cache "$PY" -m m2skd cache-teacher "$WORK/run" --backend "$BACKEND" --device cpu --overwrite
+measure student "$PY" -m m2skd train-student "$WORK/run" "${SHORT[@]}"
 echo "dry run passed: teacher, cache and student ran with the real recipe's model (logs in $WORK)"

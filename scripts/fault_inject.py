@@ -32,7 +32,7 @@ TINY_CONFIG = {"depth": 18, "widths": [8, 16, 16, 16, 16, 16, 12, 12], "stem_wid
 
 
 def stage_commands(data: Path, run: Path, config: Path) -> dict[str, list[str]]:
-    cli = [sys.executable, "-m", "cli"]
+    cli = [sys.executable, "-m", "m2skd"]
     train = ["--config", str(config), "--resume"]
     return {
         "prepare": cli + ["prepare", str(data), str(run), "--frames-per-shard", "2"],
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps(TINY_CONFIG))  # JSON is YAML
     if not (data / "sequences").is_dir():
-        run_to_end([sys.executable, "-m", "cli", "synth", str(data), "--sequences", "00,08", "--frames", "8",
+        run_to_end([sys.executable, "-m", "m2skd", "synth", str(data), "--sequences", "00,08", "--frames", "8",
                     "--beams", "16", "--azimuth-steps", "512", "--seed", "1"], env)
     summary = {"kills_per_stage": args.kills, "stages": {}}
     failed = False

@@ -51,9 +51,9 @@ section "synthetic 64-beam data and prepare"
 DATA="$WORK/data"; RUN="$WORK/run"
 # synth once; prepare skips the shards it has already written
 if [[ ! -d "$DATA/sequences" ]]; then
-  "$PY" -m cli synth "$DATA" --sequences 00,08 --frames 16 --beams 64 --jobs "$(nproc)" >"$WORK/synth.log" 2>&1
+  "$PY" -m m2skd synth "$DATA" --sequences 00,08 --frames 16 --beams 64 --jobs "$(nproc)" >"$WORK/synth.log" 2>&1
 fi
-"$PY" -m cli prepare "$DATA" "$RUN" --jobs "$(nproc)" >"$WORK/prepare.log" 2>&1
+"$PY" -m m2skd prepare "$DATA" "$RUN" --jobs "$(nproc)" >"$WORK/prepare.log" 2>&1
 rc=$?
 if [[ $rc -ne 0 ]]; then
   record "synth+prepare" FAIL "see $WORK/synth.log, $WORK/prepare.log"
@@ -66,7 +66,7 @@ import torch
 from m2skd.models.me_compat import import_minkowski, minkowski_available
 from m2skd.train_config import TrainConfig, load_config
 from m2skd.trainer import train
-from pipeline.cache_teacher import CacheConfig, run_cache
+from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
 
 run, out = sys.argv[1], sys.argv[2]
 steps = int(__import__("os").environ["STEPS"])
@@ -123,7 +123,7 @@ PYEOF
   section "two-rank DDP over NCCL"
   GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
   if [[ "$GPUS" -ge 2 ]]; then
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m cli train-student "$RUN" \
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m m2skd train-student "$RUN" \
       --set steps="$STEPS" --set epochs=none --set val_every=0 --set workers=4 --backend torch \
       --device cuda --name gpu-ddp --overwrite 2>&1 | tee "$WORK/ddp.log"
     rc=${PIPESTATUS[0]}
@@ -140,7 +140,7 @@ fi
 section "m2skd bench --gpu"
 BENCH_ARGS=(--gpu --out "$WORK/bench")
 [[ "${QUICK:-0}" == 1 ]] && BENCH_ARGS+=(--quick)
-"$PY" -m cli bench "${BENCH_ARGS[@]}" 2>&1 | tee "$WORK/bench.log"
+"$PY" -m m2skd bench "${BENCH_ARGS[@]}" 2>&1 | tee "$WORK/bench.log"
 rc=${PIPESTATUS[0]}
 if [[ $rc -eq 0 ]]; then record "bench --gpu" ok "$(grep -o 'written .*' "$WORK/bench.log" | tail -1)"
 else record "bench --gpu" FAIL "exit $rc; see $WORK/bench.log"; fi

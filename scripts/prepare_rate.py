@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import pipeline.prepare as pp
+import m2skd.pipeline.prepare as pp
 from m2skd import semantickitti as sk
 from m2skd.dataset_spec import load_spec
 from m2skd.fusion import FusionConfig
-from pipeline.bench import io_only_rate
+from m2skd.pipeline.bench import io_only_rate
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ PYEOF
 }
 
 stamp_key() {
-  cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh" "$ROOT/scripts/build_minkowski.py" | sha256sum | cut -c1-16
+  cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/scripts/setup_env.sh" "$ROOT/scripts/build_minkowski.py" | sha256sum | cut -c1-16
 }
 
 STAMP="$VENV/.m2skd-setup-$(stamp_key)"

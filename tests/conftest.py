@@ -17,7 +17,7 @@ def small_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared_run(small_dataset, tmp_path_factory):
     from m2skd.fusion import FusionConfig
-    from pipeline.prepare import PrepareConfig, run_prepare
+    from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
     run = tmp_path_factory.mktemp("run")
     summary = run_prepare(small_dataset, run, PrepareConfig(FusionConfig(), frames_per_shard=4))

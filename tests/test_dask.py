@@ -15,8 +15,8 @@ from m2skd.manifest import read_manifest
 from m2skd.rundir import RunDir
 from m2skd.train_config import TrainConfig
 from m2skd.trainer import train
-from pipeline.cache_teacher import CacheConfig, run_cache
-from pipeline.prepare import PrepareConfig, run_prepare
+from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
+from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
 distributed = pytest.importorskip("distributed")
 

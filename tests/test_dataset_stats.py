@@ -46,7 +46,7 @@ def test_shares_and_instances_by_hand(tmp_path):
 
 
 def test_stats_command_prints_both_tables_per_split(tmp_path):
-    from cli import main
+    from m2skd.cli import main
 
     xyz = np.array([[1.0, 0, 0], [2.0, 0, 0]])
     write_scan(tmp_path, "00", 0, xyz, [40, 30], [0, 1])

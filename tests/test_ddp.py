@@ -19,7 +19,7 @@ from m2skd.metrics import summarize
 from m2skd.rundir import RunDir
 from m2skd.train_config import TrainConfig
 from m2skd.trainer import load_checkpoint, spec_for_run, train
-from pipeline.cache_teacher import CacheConfig, run_cache
+from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = TrainConfig(depth=18, widths=(8, 16, 16, 16, 16, 16, 12, 12), stem_width=8, backend="torch", voxel_size=0.4,

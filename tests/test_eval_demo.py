@@ -1,6 +1,7 @@
 """eval and demo end to end at a tiny size: reports, .label submissions, comparison table."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -13,37 +14,45 @@ from m2skd.dataset_spec import load_spec
 from m2skd.render import figure_px
 from m2skd.trainer import load_checkpoint
 from m2skd.transforms import voxel_coords
-from pipeline.demo import run_demo
-from pipeline.evaluate import run_eval
-from pipeline.study import run_study
+from m2skd.pipeline.demo import run_demo
+from m2skd.pipeline.evaluate import run_eval
+from m2skd.pipeline.study import run_study
 
 SPEC = load_spec()
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """A tiny demo, and a copy of the reports it wrote (eval/, show/). Tests that add seeds or run
+    a study rewrite the run's reports; the readers look at the copy, so no test depends on the
+    order the others ran in."""
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, size="tiny", backend="torch")
+    result = run_demo(out, size="tiny", backend="torch")
+    reports = tmp_path_factory.mktemp("demo_reports")
+    for name in ("eval", "show"):
+        shutil.copytree(out / "run" / name, reports / name)
+    return out, result, reports
 
 
 def test_demo_runs_every_stage_and_prints_a_comparison(demo):
-    out, result = demo
+    out, result, reports = demo
     table = result["table"]
     assert list(table["checkpoint"]) == ["baseline", "distilled", "teacher"]
     assert {"miou", "hard_miou", "bicycle", "person", "road"} <= set(table.columns)
     run = out / "run"
     for path in ("prepare/manifest.parquet", "teacher/model.pt", "teacher_cache/cache.json", "distilled/model.pt",
-                 "baseline/model.pt", "eval/metrics.json", "eval/metrics.csv", "eval/per_class_iou.png",
-                 "eval/confusion_distilled.png"):
+                 "baseline/model.pt"):
         assert (run / path).is_file(), path
-    metrics = json.loads((run / "eval/metrics.json").read_text())
+    for path in ("eval/metrics.json", "eval/metrics.csv", "eval/per_class_iou.png", "eval/confusion_distilled.png"):
+        assert (reports / path).is_file(), path
+    metrics = json.loads((reports / "eval/metrics.json").read_text())
     for label, m in metrics.items():
         ious = [pc["iou"] for pc in m["per_class"]]
         assert len(ious) == 19 and m["miou"] == pytest.approx(np.mean(ious))
         hard = [pc["iou"] for pc in m["per_class"] if pc["hard"]]
         assert m["hard_miou"] == pytest.approx(np.mean(hard))
         assert m["points"] == sum(len(sk.read_scan(p)) for p in sorted((out / "data/sequences/08/velodyne").glob("*.bin")))
-    effect = json.loads((run / "eval/distillation_effect.json").read_text())
+    effect = json.loads((reports / "eval/distillation_effect.json").read_text())
     by_name = table.set_index("checkpoint")
     assert effect["pairs"] == [["distilled", "baseline"]]
     assert effect["hard_miou"]["mean"] == pytest.approx(by_name.loc["distilled", "hard_miou"] - by_name.loc["baseline", "hard_miou"])
@@ -56,7 +65,7 @@ def test_demo_runs_every_stage_and_prints_a_comparison(demo):
 
 
 def test_demo_rerun_resumes_without_retraining(demo):
-    out, first = demo
+    out, first, _ = demo
     stamp = (out / "run/teacher/model.pt").stat().st_mtime_ns
     again = run_demo(out, size="tiny", backend="torch")
     assert (out / "run/teacher/model.pt").stat().st_mtime_ns == stamp
@@ -64,7 +73,7 @@ def test_demo_rerun_resumes_without_retraining(demo):
 
 
 def test_demo_adds_student_seeds_to_a_finished_run(demo):
-    out, first = demo
+    out, _, _ = demo
     stamp = (out / "run/distilled/model.pt").stat().st_mtime_ns
     more = run_demo(out, size="tiny", backend="torch", student_seeds=[0, 1])
     assert (out / "run/distilled/model.pt").stat().st_mtime_ns == stamp
@@ -73,11 +82,10 @@ def test_demo_adds_student_seeds_to_a_finished_run(demo):
     assert json.loads((out / "run/distilled-s1/train.json").read_text())["config"]["seed"] == 1
     only_one = run_demo(out, size="tiny", backend="torch", student_seeds=[1])  # never reuses seed 0's runs
     assert list(only_one["table"]["checkpoint"]) == ["baseline-s1", "distilled-s1", "teacher"]
-    run_demo(out, size="tiny", backend="torch")  # leave the fixture's eval reports as they were
 
 
 def test_saved_labels_read_back_as_the_predicted_classes(demo, tmp_path):
-    out, _ = demo
+    out, _, _ = demo
     ckpt = out / "run/distilled/model.pt"
     run_eval([ckpt], split="val", data_root=out / "data", out_dir=tmp_path / "eval", save_labels=tmp_path / "sub",
              backend="torch", workers=0)
@@ -97,15 +105,14 @@ def test_saved_labels_read_back_as_the_predicted_classes(demo, tmp_path):
 
 
 def test_eval_reports_sparse_instances_of_every_hard_class_instance(demo):
-    out, result = demo
-    run = out / "run"
+    out, result, reports = demo
     seq = sk.Sequence(out / "data", "08")
     by_scan = []  # distinct hard-class instances per scan, straight from the label files
     for frame in seq.frames:
         raw = sk.read_label(seq.label_path(frame), learning_lut=SPEC.learning_lut)
         keys = instance_key(SPEC.learning_lut[raw & 0xFFFF].astype(np.int64), raw >> 16, SPEC.hard_mask)
         by_scan.append(len(np.unique(keys[keys > 0])))
-    metrics = json.loads((run / "eval/metrics.json").read_text())
+    metrics = json.loads((reports / "eval/metrics.json").read_text())
     counts = None
     for label, m in metrics.items():
         inst = m["instances"]
@@ -118,13 +125,13 @@ def test_eval_reports_sparse_instances_of_every_hard_class_instance(demo):
                 assert (r["hit_rate"] is None) == (r["count"] == 0)
         counts = counts or [r["count"] for r in inst["by_points"]]
         assert [r["count"] for r in inst["by_points"]] == counts  # the same ground truth for every checkpoint
-    assert (run / "eval/instances.png").is_file() and (run / "eval/instances.csv").is_file()
+    assert (reports / "eval/instances.png").is_file() and (reports / "eval/instances.csv").is_file()
     assert list(result["instances"]["count"]) == counts + [r["count"] for r in metrics["baseline"]["instances"]["by_range"]]
 
 
 def test_demo_writes_show_pictures_of_the_expected_size(demo):
-    out, result = demo
-    show = out / "run/show"
+    _, _, reports = demo
+    show = reports / "show"
     record = json.loads((show / "show.json").read_text())
     assert record["bev"]["checkpoints"] == ["baseline", "distilled", "teacher"]
     assert Image.open(show / "bev.png").size == figure_px(4)  # ground truth + 3 checkpoints
@@ -135,7 +142,7 @@ def test_demo_writes_show_pictures_of_the_expected_size(demo):
 
 
 def test_study_resumes_adding_seeds_and_forms_without_retraining(demo):
-    out, _ = demo
+    out, _, _ = demo
     run = out / "run"
     first = run_study(out, [0, 1], size="tiny", backend="torch")
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/model.pt")}

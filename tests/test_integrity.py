@@ -1,4 +1,4 @@
-"""Stage integrity (issue 12): stale inputs refused, nothing lost, bad input named in one line,
+"""Stage integrity: stale inputs refused, nothing lost, bad input named in one line,
 frames by number, the moving decision over the window, real-class predictions, same bits."""
 import dataclasses
 import json
@@ -14,10 +14,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from m2skd import cli
 from m2skd import semantickitti as sk
 from m2skd.atomic import sweep_temporaries, temp_path
-from m2skd.dataset_spec import load_spec
+from m2skd.dataset_spec import MANIFEST_DIR, load_spec
 from m2skd.errors import DataError, StaleInputError
 from m2skd.fusion import Frame, FusionConfig, fuse
 from m2skd.inference import predict
@@ -26,9 +26,9 @@ from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
 from m2skd.train_config import TrainConfig
 from m2skd.trainer import load_checkpoint, train
-from pipeline.cache_teacher import CacheConfig, run_cache
-from pipeline.evaluate import run_eval
-from pipeline.prepare import PrepareConfig, run_prepare
+from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
+from m2skd.pipeline.evaluate import run_eval
+from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
 SPEC = load_spec()
 TINY = TrainConfig(depth=18, widths=(8, 16, 16, 16, 16, 16, 12, 12), stem_width=8, backend="torch", voxel_size=0.4,
@@ -73,13 +73,50 @@ def chain(small_dataset, tmp_path_factory):
 
 # --- 1. the fingerprint chain --------------------------------------------------------------
 
+# A changed value for every kind of setting; a new text setting must say what else it can be.
+OTHER_TEXT = {"mode": "all", "align": "icp", "dataset": str(MANIFEST_DIR / "semantickitti.yaml")}
+
+
+def changed_settings(cfg):
+    """(path, config with that one setting changed) for every leaf setting of a PrepareConfig,
+    nested ones (the fusion settings) included, found from the dataclass fields."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for path, inner in changed_settings(value):
+                yield f"{f.name}.{path}", dataclasses.replace(cfg, **{f.name: inner})
+            continue
+        if isinstance(value, bool):
+            other = not value
+        elif isinstance(value, int):
+            other = value + 1
+        elif isinstance(value, float):
+            other = value * 1.5
+        elif isinstance(value, tuple) or value is None:  # hard classes: None is the description's set
+            other = (2, 6)
+        elif isinstance(value, str):
+            assert f.name in OTHER_TEXT, f"{f.name}: add another valid value to OTHER_TEXT"
+            other = OTHER_TEXT[f.name]
+        else:
+            raise AssertionError(f"{f.name}: no changed value for a {type(value).__name__}")
+        yield f.name, dataclasses.replace(cfg, **{f.name: other})
+
+
 def test_prepare_fingerprint_covers_its_settings(small_dataset, tmp_path):
-    fingerprints = {}
-    for align in ("centroid", "icp"):
-        summary = run_prepare(small_dataset, tmp_path, PrepareConfig(FusionConfig(align=align), frames_per_shard=8),
-                              sequences=("00",), overwrite=True)
-        fingerprints[align] = summary["manifest_fingerprint"]
-    assert fingerprints["centroid"] != fingerprints["icp"]
+    """Every setting of prepare's configuration changes its fingerprint, and a re-prepare with any
+    one of them changed finds the existing shards stale instead of reusing them."""
+    base = PrepareConfig(FusionConfig(), frames_per_shard=8)
+    run_prepare(small_dataset, tmp_path, base, sequences=("00",))
+    again = run_prepare(small_dataset, tmp_path, base, sequences=("00",))
+    assert again["shards_written"] == 0  # same settings: reused
+    seen = set()
+    for path, cfg in changed_settings(base):
+        seen.add(path)
+        assert cfg.fingerprint() != base.fingerprint(), path
+        with pytest.raises(StaleInputError, match="prepared with another configuration"):
+            run_prepare(small_dataset, tmp_path, cfg, sequences=("00",))
+    fusion = {f"fusion.{f.name}" for f in dataclasses.fields(FusionConfig)}
+    assert seen >= fusion | {"frames_per_shard", "dataset", "hard_classes"}, seen  # the walk reaches them all
 
 
 def test_changed_prepare_is_refused_downstream(chain, small_dataset, tmp_path):
@@ -119,7 +156,7 @@ def stored_vs_exact_kl(run, teacher_path) -> np.ndarray:
     """KL at T, per single-scan point of every cached scan, of the stored targets against the
     teacher's fp32 outputs recomputed now."""
     from m2skd.teacher_cache import kl_per_point, stored_logits
-    from pipeline.cache_teacher import teacher_outputs
+    from m2skd.pipeline.cache_teacher import teacher_outputs
 
     model, ckpt = load_checkpoint(teacher_path, "torch", "cpu")
     model.eval()

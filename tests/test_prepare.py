@@ -10,7 +10,7 @@ from m2skd.fusion import FusionConfig, icp_refine
 from m2skd.manifest import COLUMNS, MANIFEST_SCHEMA_VERSION, read_manifest
 from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
-from pipeline.prepare import PrepareConfig, run_prepare
+from m2skd.pipeline.prepare import PrepareConfig, run_prepare
 
 SPEC = load_spec()
 
@@ -168,7 +168,7 @@ def test_instance_occupancy_by_hand():
 
 
 def test_prepare_reports_the_occupied_voxel_gain_of_hard_instances(small_dataset, prepared_run):
-    from pipeline.prepare import occupancy_gain
+    from m2skd.pipeline.prepare import occupancy_gain
 
     run, _ = prepared_run
     df, _ = read_manifest(RunDir(run).manifest)

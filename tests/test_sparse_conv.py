@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import test_backbone as tb
+import sparse_helpers as sh
 from m2skd.models import build_model, sparse_torch
 
-pytestmark = tb.pytestmark
+pytestmark = sh.ME_WARNINGS
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def gpu_grouping(monkeypatch):
 
 
 def stride1_map(n=3000, seed=0, voxel=0.3):
-    coords, _ = tb.scene(n, seed=seed, voxel=voxel)
+    coords, _ = sh.scene(n, seed=seed, voxel=voxel)
     ctx, _ = sparse_torch.SparseContext.from_coordinates(coords)
     return ctx.kernel_map(1, 1, 3)
 
@@ -75,11 +75,11 @@ GPU_LAYER_CASES = [(False, 3, 1, 1), (False, 2, 2, 1), (False, 3, 2, 1), (False,
 
 @pytest.mark.parametrize("transposed,kernel_size,stride,dilation", GPU_LAYER_CASES)
 def test_gpu_grouping_layer_matches_minkowski(transposed, kernel_size, stride, dilation):
-    tb.test_layer_matches_minkowski(transposed, kernel_size, stride, dilation, torch.float32, 1e-4)
+    sh.check_layer_matches_minkowski(transposed, kernel_size, stride, dilation, torch.float32, 1e-4)
 
 
 def test_gpu_grouping_minkunet18_matches_minkowski():
-    tb.test_minkunet18_matches_minkowski(torch.float32, 1e-4)
+    sh.check_minkunet18_matches_minkowski(torch.float32, 1e-4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_reduced_precision_accumulates_in_fp32(dtype):
     u = UNIT_ROUNDOFF[dtype]
 
     def err(a, b):
-        return tb.rel_err(a.detach().double(), b.detach())
+        return sh.rel_err(a.detach().double(), b.detach())
 
     # One rounding of an fp32 sum: every element within u of the exact value (+ fp32 noise).
     scale = ref.abs().max()
@@ -163,9 +163,9 @@ def test_two_runs_identical_bits_at_two_threads(monkeypatch, grouping):
     monkeypatch.setattr(sparse_torch, "GROUPING", grouping)
     torch.set_num_threads(2)
     torch.manual_seed(5)
-    model = build_model(4, 6, depth=18, backend="torch", **tb.SMALL).train()
+    model = build_model(4, 6, depth=18, backend="torch", **sh.SMALL).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    coords, feats = tb.scene(4000, batches=2, seed=21)
+    coords, feats = sh.scene(4000, batches=2, seed=21)
 
     def run():
         model.load_state_dict(state)
@@ -211,7 +211,7 @@ def test_dispatches_per_conv_and_no_host_sync():
         assert not {"index_add", "index_put", "scatter_add", "index_add_", "index_put_", "scatter_add_"} & set(ops), ops
         assert "_local_scalar_dense" not in ops and "item" not in ops, ops  # .item()/.tolist()/int()
     # a strided conv and a transposed one, too
-    coords, _ = tb.scene(3000, seed=0, voxel=0.3)
+    coords, _ = sh.scene(3000, seed=0, voxel=0.3)
     ctx, _ = sparse_torch.SparseContext.from_coordinates(coords)
     ctx.downsample(1, 2)
     for kmap in (ctx.kernel_map(1, 2, 3), ctx.kernel_map(1, 2, 2).transposed()):
@@ -239,8 +239,8 @@ def test_training_step_has_no_atomic_scatter():
     """Voxel averaging, convolutions and the per-point slice (forward and backward) all sum in
     a fixed order, so a CUDA step repeats bit for bit."""
     torch.manual_seed(6)
-    model = build_model(4, 6, depth=18, backend="torch", **tb.SMALL).train()
-    coords, feats = tb.scene(1500, batches=2, seed=22)
+    model = build_model(4, 6, depth=18, backend="torch", **sh.SMALL).train()
+    coords, feats = sh.scene(1500, batches=2, seed=22)
     point_feats = feats.clone().requires_grad_(True)
     with FindAtomics() as mode:
         out = model(coords, point_feats, features=("dec4",))
@@ -257,7 +257,7 @@ def on_cuda(test):
 
 
 def cuda_map(n=3000, seed=0):
-    coords, _ = tb.scene(n, seed=seed, voxel=0.3)
+    coords, _ = sh.scene(n, seed=seed, voxel=0.3)
     ctx, _ = sparse_torch.SparseContext.from_coordinates(coords.cuda())
     return ctx.kernel_map(1, 1, 3)
 
@@ -266,7 +266,7 @@ def cuda_map(n=3000, seed=0):
 @pytest.mark.parametrize("grouping", ["auto", "gpu"])
 def test_cuda_fp32_conv_matches_cpu(monkeypatch, grouping):
     """fp32 forward and both gradients on CUDA equal the CPU's GPU grouping (no TF32)."""
-    coords, _ = tb.scene(3000, seed=1, voxel=0.3)
+    coords, _ = sh.scene(3000, seed=1, voxel=0.3)
     results = {}
     for device in ("cpu", "cuda"):
         monkeypatch.setattr(sparse_torch, "GROUPING", "gpu" if device == "cpu" else grouping)
@@ -280,7 +280,7 @@ def test_cuda_fp32_conv_matches_cpu(monkeypatch, grouping):
         y = sparse_torch.sparse_conv(x, w, kmap)
         results[device] = [t.detach().cpu() for t in (y, *torch.autograd.grad(y, (x, w), grad))]
     for cpu, cuda in zip(results["cpu"], results["cuda"]):
-        assert tb.rel_err(cuda, cpu) < 1e-5
+        assert sh.rel_err(cuda, cpu) < 1e-5
 
 
 @on_cuda
@@ -309,9 +309,9 @@ def test_cuda_reduced_precision_accumulates_in_fp32(dtype):
 def test_cuda_training_step_repeats_bit_for_bit():
     """Two forward+backward passes of a MinkUNet18 on CUDA: identical logits and gradients."""
     torch.manual_seed(5)
-    model = build_model(4, 6, depth=18, backend="torch", **tb.SMALL).cuda().train()
+    model = build_model(4, 6, depth=18, backend="torch", **sh.SMALL).cuda().train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    coords, feats = tb.scene(4000, batches=2, seed=21)
+    coords, feats = sh.scene(4000, batches=2, seed=21)
     coords, feats = coords.cuda(), feats.cuda()
 
     def run(amp):

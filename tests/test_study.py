@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from m2skd.dataset_spec import load_spec
-from pipeline.study import run_study
+from m2skd.pipeline.study import run_study
 
 SPEC = load_spec()
 HARD_NAMES = [SPEC.class_names[c] for c in SPEC.hard_classes]

@@ -171,7 +171,7 @@ def test_far_hard_objects_get_fewer_points():
 
 def test_summary_agrees_with_stats_read_back_from_the_files(dataset):
     """synth's in-memory summary and `m2skd stats` over the written files give the same figures."""
-    from pipeline.stats import run_stats
+    from m2skd.pipeline.stats import run_stats
 
     root, summary = dataset
     figures = run_stats(root)["all"]
@@ -304,7 +304,7 @@ def test_drive_has_semantickitti_class_shares(tmp_path):
     points within a factor 2 of its share, the hard classes together at most 1.5% of the points
     (and at least a third of the real 0.5%), unlabelled 1-5%, each hard class in both splits.
     The earlier world (hard classes 6.4%, road 42%, vegetation 5.7%) fails all of these."""
-    from pipeline.stats import run_stats
+    from m2skd.pipeline.stats import run_stats
 
     generate_dataset(tmp_path, sequences=("00", "01", "08"), frames=80, seed=0, jobs=2)
     figures = run_stats(tmp_path, jobs=2)

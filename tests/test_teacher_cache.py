@@ -92,7 +92,7 @@ def test_quantised_encodings_order_and_default_budget():
 def test_sq_codes_of_points_sharing_a_voxel_cost_almost_nothing(tmp_path):
     """Points in one teacher voxel get equal targets; stored as the cache stores codes, such
     runs cost a small fraction of the 20 raw bytes per point."""
-    from pipeline.cache_teacher import CACHE_COMPRESSION
+    from m2skd.pipeline.cache_teacher import CACHE_COMPRESSION
 
     rows = np.repeat(LOGITS[:200], 50, axis=0)  # 10,000 points, runs of 50 equal rows
     enc = encode_logits(rows, DEFAULT_LOGIT_ENCODING, T)

@@ -499,11 +499,6 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def release_scratch() -> None:
-    """Free this thread's CPU scratch buffers (they are kept between convs for speed)."""
-    _SCRATCH.buffers.clear()
-
-
 def _buffer(slot: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device, reuse: bool) -> Tensor:
     """An uninitialised (rows, cols) matrix: the thread's scratch ``slot`` if ``reuse``."""
     if not reuse:
