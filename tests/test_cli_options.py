@@ -58,6 +58,8 @@ BAD_TEXT = {
     ("study", "--seeds"): "1,a",
     ("study", "--kd-forms"): "bogus",
     ("study", "--set"): "no_such_key=1",
+    ("study", "--teachers"): "hard,bogus",
+    ("stats", "--sequences"): "zz",
 }
 ANY_TEXT: set = set()
 # the whole method: they must refuse a bad option before any work starts
@@ -99,6 +101,7 @@ def base_args(command: str, w: dict, out) -> list:
         "study": ["--out", out, "--size", "tiny", "--seeds", "1"],
         "bench": ["--out", out, "--quick"],
         "show": [w["run"], "--checkpoint", "teacher", "--views", "bev", "--out", out],
+        "stats": [w["data"]],
     }[command]
 
 
