@@ -3,7 +3,8 @@ import pytest
 
 from m2skd.synth import SynthConfig, generate_dataset
 
-SMALL = SynthConfig(beams=24, azimuth_steps=768)
+# small scans; more walkers and cyclists than the default world, so 8 scans hold moving hard instances
+SMALL = SynthConfig(beams=24, azimuth_steps=768, walking_persons_per_100m=3.0, riders_per_100m_per_lane=1.0)
 
 
 @pytest.fixture(scope="session")
