@@ -552,11 +552,23 @@ class _Populator:
                 yard = (line + 1.0, front - 0.5)
             else:
                 yard = (line + 1.0, line + 12.0)
-            for tx in self.positions(cfg.yard_plants_per_100m, 2.5, x + 1, x + length - 1):
-                y = self.across(side, *yard) if yard[1] > yard[0] else side * yard[0]
-                builder = tree_parts if rng.random() < 0.35 else bush_parts
-                self.add(VEGETATION, builder(rng), tx, y, self.any_heading())
+            self.yard_plants(side, x, length, yard)
             x += length
+
+    def yard_plants(self, side: int, x: float, length: float, yard: tuple[float, float]):
+        """A lot's bushes and trees as one object (stuff has no instances): one bounding sphere
+        to cast rays against instead of one per plant."""
+        rng = self.rng
+        xs = self.positions(self.cfg.yard_plants_per_100m, 2.5, x + 1, x + length - 1)
+        if not len(xs):
+            return
+        mid = x + length / 2
+        parts = []
+        for tx in xs:
+            y = self.across(side, *yard) if yard[1] > yard[0] else side * yard[0]
+            builder = tree_parts if rng.random() < 0.35 else bush_parts
+            parts += [_moved(p, tx - mid, y - side * yard[0], self.any_heading()) for p in builder(rng)]
+        self.add(VEGETATION, parts, mid, side * yard[0], 0.0)
 
     def green_strip(self, side: int):
         rng, cfg = self.rng, self.cfg
@@ -743,3 +755,17 @@ GUARANTEED = {
     TRUCK: (truck_parts, LANE_HALF_WIDTH + 1.0, LANE_HALF_WIDTH + 1.2),
     OTHER_VEHICLE: (other_vehicle_parts, LANE_HALF_WIDTH + 1.0, LANE_HALF_WIDTH + 1.2),
 }
+
+
+def _moved(part: Part, dx: float, dy: float, yaw: float) -> Part:
+    """A plant's part turned by `yaw` about its plant's origin and moved by (dx, dy) within a group."""
+    shape = part.shape
+    c, si = math.cos(yaw), math.sin(yaw)
+    if isinstance(shape, Cylinder):
+        x, y = c * shape.x - si * shape.y + dx, si * shape.x + c * shape.y + dy
+        return Part(Cylinder(x, y, shape.z0, shape.z1, shape.radius), part.raw)
+    cx, cy, cz = shape.center
+    center = (c * cx - si * cy + dx, si * cx + c * cy + dy, cz)
+    if isinstance(shape, Ellipsoid):
+        return Part(Ellipsoid(center, shape.semi, shape.yaw + yaw, shape.pitch), part.raw)
+    return Part(Box(center, shape.half, shape.yaw + yaw, shape.pitch), part.raw)
