@@ -128,14 +128,45 @@ def cast_objects(scene, positions, headings, origin, rotation, grid: RayGrid, di
     tilt = np.radians(2.0 * scene.config.tilt_deg + 0.1)
     blocks = _angular_blocks(centers_sensor, packed.bound_radius, grid, scene.config.max_range, z_span, tilt)
     world = _world_primitives(packed, positions, headings)
+    # an object of several parts is first tested as its oriented bounding box, a little enlarged:
+    # rays that miss the box miss every part, so only the others are cast against the parts
+    box_center = positions + _rotate_xy(packed.bound_center, headings)
+    box_half = packed.bound_half + BOX_MARGIN
+    parts = packed.part_count
     for obj, r0, r1, c0, c1 in blocks:
         block_dirs = dirs_scene[r0:r1, c0:c1]
-        t, gid = _object_hits(packed, world, obj, origin, block_dirs.reshape(-1, 3))
-        t = t.reshape(block_dirs.shape[:2])
-        view_t, view_gid = best_t[r0:r1, c0:c1], best_gid[r0:r1, c0:c1]
-        closer = t < view_t
-        view_t[closer] = t[closer]
-        view_gid[closer] = gid.reshape(t.shape)[closer]
+        shape = block_dirs.shape[:2]
+        dirs = block_dirs.reshape(-1, 3)
+        view_t, view_gid = best_t[r0:r1, c0:c1].reshape(-1), best_gid[r0:r1, c0:c1].reshape(-1)
+        if parts[obj] >= PREFILTER_PARTS and not _inside_box(origin, box_center[obj], box_half[obj], headings[obj]):
+            through = np.flatnonzero(np.isfinite(intersect_boxes(origin, dirs, box_center[obj:obj + 1],
+                                                                 box_half[obj:obj + 1], headings[obj:obj + 1])[0]))
+            if not through.size:
+                continue
+            t, gid = _object_hits(packed, world, obj, origin, dirs[through])
+            closer = t < view_t[through]
+            view_t[through[closer]] = t[closer]
+            view_gid[through[closer]] = gid[closer]
+        else:
+            t, gid = _object_hits(packed, world, obj, origin, dirs)
+            closer = t < view_t
+            view_t[closer] = t[closer]
+            view_gid[closer] = gid[closer]
+        best_t[r0:r1, c0:c1] = view_t.reshape(shape)
+        best_gid[r0:r1, c0:c1] = view_gid.reshape(shape)
+
+
+#: Objects of at least this many parts are tested against their bounding box first.
+PREFILTER_PARTS = 3
+#: Enlargement (m) of that box, far beyond rounding, so no ray that reaches a part misses it.
+BOX_MARGIN = 0.01
+
+
+def _inside_box(origin, center, half, yaw) -> bool:
+    c, s = np.cos(yaw), np.sin(yaw)
+    rel = origin - center
+    local = np.array([c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2]])
+    return bool(np.all(np.abs(local) <= half))
 
 
 def _rotate_xy(local: np.ndarray, yaw: np.ndarray) -> np.ndarray:

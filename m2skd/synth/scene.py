@@ -310,6 +310,8 @@ class PackedPrimitives:
     bound_center: np.ndarray  # (n_obj, 3) local centre of each object's bounding sphere
     bound_radius: np.ndarray  # (n_obj,)
     bound_z: np.ndarray       # (n_obj, 2) lowest and highest local z of each object
+    bound_half: np.ndarray    # (n_obj, 3) half extents of each object's local bounding box (centre: bound_center)
+    part_count: np.ndarray    # (n_obj,) primitives per object
 
 
 def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
@@ -318,7 +320,7 @@ def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
     albedo = [ALBEDO[r] for r in FIXED_IDS]
     rows = {kind: [] for kind in KIND_COLUMNS}
     owners = {kind: [] for kind in KIND_COLUMNS}
-    bound_center, bound_radius, bound_z = [], [], []
+    bound_center, bound_radius, bound_z, bound_half = [], [], [], []
     for o, obj in enumerate(objects):
         for part in obj.parts:
             part_raw = part.raw if part.raw is not None else obj.raw
@@ -333,6 +335,7 @@ def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
         bound_center.append((lo + hi) / 2)
         bound_radius.append(np.linalg.norm(hi - lo) / 2)
         bound_z.append((lo[2], hi[2]))
+        bound_half.append((hi - lo) / 2)
     raw_arr = np.asarray(raw, dtype=np.uint32)
     n_obj = len(objects)
     start = {kind: np.searchsorted(np.asarray(owners[kind], dtype=np.int64), np.arange(n_obj + 1)) for kind in rows}
@@ -346,6 +349,8 @@ def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
         bound_center=np.asarray(bound_center).reshape(-1, 3),
         bound_radius=np.asarray(bound_radius),
         bound_z=np.asarray(bound_z, dtype=float).reshape(-1, 2),
+        bound_half=np.asarray(bound_half, dtype=float).reshape(-1, 3),
+        part_count=np.array([len(obj.parts) for obj in objects], dtype=np.int64),
     )
 
 
