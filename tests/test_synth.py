@@ -318,3 +318,18 @@ def test_drive_has_semantickitti_class_shares(tmp_path):
     for split in ("train", "val"):
         counts = {name: h["instances"] for name, h in figures[split]["instances"].items()}
         assert min(counts.values()) > 0, (split, counts)
+
+
+def test_bounding_box_prefilter_changes_no_scan(monkeypatch):
+    """Objects of several parts are cast only where rays cross their bounding box: the scans
+    must equal those cast against every part, bit for bit."""
+    import m2skd.synth.lidar as lidar
+
+    scene = scene_for("00", 30, seed=1)
+    for frame in (0, 17, 29):
+        fast = simulate_scan(scene, frame, np.random.default_rng(frame))
+        monkeypatch.setattr(lidar, "PREFILTER_PARTS", 10**9)
+        full = simulate_scan(scene, frame, np.random.default_rng(frame))
+        monkeypatch.setattr(lidar, "PREFILTER_PARTS", 3)
+        for a, b in ((fast.points, full.points), (fast.raw, full.raw), (fast.instance, full.instance)):
+            np.testing.assert_array_equal(a, b)
