@@ -130,7 +130,7 @@ def cast_objects(scene, positions, headings, origin, rotation, grid: RayGrid, di
     world = _world_primitives(packed, positions, headings)
     # an object of several parts is first tested as its oriented bounding box, a little enlarged:
     # rays that miss the box miss every part, so only the others are cast against the parts
-    box_center = positions + _rotate_xy(packed.bound_center, headings)
+    box_center = centers  # the bounding box shares the bounding sphere's centre
     box_half = packed.bound_half + BOX_MARGIN
     parts = packed.part_count
     for obj, r0, r1, c0, c1 in blocks:
@@ -232,7 +232,7 @@ def _world_primitives(packed, positions, headings) -> dict:
     """Primitive parameters in the scene frame at this time (all objects at once)."""
     world = {}
     for kind, prefix in (("box", "box"), ("ellipsoid", "ell"), ("ring", "ring")):
-        table = packed.__dict__[kind]
+        table = getattr(packed, kind)
         owner = _owners(packed.start[kind])
         world[f"{prefix}_center"] = positions[owner] + _rotate_xy(table["center"], headings[owner])
         world[f"{prefix}_yaw"] = table["yaw"] + headings[owner]
