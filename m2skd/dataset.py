@@ -19,16 +19,11 @@ from .errors import StaleInputError
 from .manifest import read_manifest
 from .ragged import RaggedReader
 from .rundir import RunDir
+from .instances import instance_key
 from .teacher_cache import decode_features, stored_logits
 from .transforms import AugmentConfig, augment_xyz, voxel_coords
 
 INPUT_KINDS = ("single", "fused")
-
-
-def instance_key(train: np.ndarray, instance: np.ndarray, hard_mask: np.ndarray) -> np.ndarray:
-    """class << 16 | instance for hard-class points with an instance, else 0."""
-    key = (train.astype(np.int64) << 16) | instance.astype(np.int64)
-    return np.where(hard_mask[train] & (instance > 0), key, 0)
 
 
 class ScanDataset(Dataset):

@@ -8,13 +8,13 @@ as eval's instance table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import semantickitti as sk
 from .dataset_spec import DatasetSpec
-from .instances import POINT_BUCKETS, RANGE_BUCKETS, bucket_index, instance_records
+from .instances import POINT_BUCKETS, RANGE_BUCKETS, bucket_index, instance_key, instance_records
 
 #: Instances with at least this many points in their scan count as measurable.
 MEASURABLE_POINTS = 10
@@ -34,7 +34,6 @@ class DatasetStats:
     raw_counts: np.ndarray                      # points per raw id
     scans: int
     instances: ScanInstances                    # over every (scan, hard instance)
-    sequences_with_class: dict[int, set] = field(default_factory=dict)  # hard train id -> sequences
 
 
 def scan_stats(scan_path, label_path, spec: DatasetSpec) -> tuple[np.ndarray, ScanInstances]:
@@ -49,9 +48,7 @@ def label_stats(xyz: np.ndarray, semantic: np.ndarray, instance: np.ndarray,
                 spec: DatasetSpec) -> tuple[np.ndarray, ScanInstances]:
     """(points per raw id, hard-class instances) of one scan's points and raw labels."""
     raw_counts = np.bincount(semantic, minlength=len(spec.learning_lut))
-    train = spec.learning_lut[semantic].astype(np.int64)
-    in_hard = spec.hard_mask[train] & (instance > 0)
-    keys = np.where(in_hard, (train << 16) | instance.astype(np.int64), 0)
+    keys = instance_key(spec.learning_lut[semantic], instance, spec.hard_mask)
     rec = instance_records(xyz, keys, np.zeros(len(keys), bool))
     return raw_counts, ScanInstances(rec["key"] >> 16, rec["points"], rec["range"])
 
@@ -60,17 +57,14 @@ def combine(per_scan: list[tuple[str, np.ndarray, ScanInstances]], spec: Dataset
     """Sum per-scan results [(sequence, raw counts, instances)]."""
     size = max((len(c) for _, c, _ in per_scan), default=len(spec.learning_lut))
     raw = np.zeros(size, dtype=np.int64)
-    seen: dict[int, set] = {c: set() for c in spec.hard_classes}
     parts = []
-    for sequence, counts, inst in per_scan:
+    for _, counts, inst in per_scan:
         raw[:len(counts)] += counts
         parts.append(inst)
-        for c in np.unique(inst.train_id).tolist():
-            seen.setdefault(int(c), set()).add(sequence)
     cat = (lambda name, dtype: np.concatenate([getattr(p, name) for p in parts]).astype(dtype)
            if parts else np.zeros(0, dtype))
     instances = ScanInstances(cat("train_id", np.int64), cat("points", np.int64), cat("range", np.float64))
-    return DatasetStats(raw, len(per_scan), instances, seen)
+    return DatasetStats(raw, len(per_scan), instances)
 
 
 def share_rows(stats: DatasetStats, spec: DatasetSpec) -> list[dict]:

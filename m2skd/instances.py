@@ -20,12 +20,18 @@ RANGE_BUCKETS: tuple[tuple[str, float], ...] = (("0-15", 0.0), ("15-30", 15.0), 
 HIT_RECALL = 0.5
 
 
+def instance_key(train: np.ndarray, instance: np.ndarray, hard_mask: np.ndarray) -> np.ndarray:
+    """class << 16 | instance for hard-class points with an instance, else 0."""
+    key = (train.astype(np.int64) << 16) | instance.astype(np.int64)
+    return np.where(hard_mask[train] & (instance > 0), key, 0)
+
+
 def instance_records(xyz: np.ndarray, keys: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
     """Per-instance statistics of one scan.
 
     xyz (N, >=2) point coordinates in the scan frame; keys (N,) int: 0 for points that are not
     part of a hard-class instance, otherwise an id unique to the instance within the scan
-    (e.g. dataset.instance_key: class << 16 | instance id); correct (N,) bool, prediction ==
+    (e.g. instance_key: class << 16 | instance id); correct (N,) bool, prediction ==
     ground-truth class. Returns arrays over the scan's instances: key, points, correct, range.
     """
     keys = np.asarray(keys).reshape(-1)

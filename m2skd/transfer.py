@@ -37,7 +37,7 @@ class TransferAccumulator:
 
     def add(self, student_logits, teacher_logits, hard, instance_keys) -> "TransferAccumulator":
         """student/teacher logits (N, C); hard (N,) bool hard-class points; instance_keys (N,) int,
-        0 outside hard-class instances (e.g. dataset.instance_key)."""
+        0 outside hard-class instances (e.g. instances.instance_key)."""
         if np.shape(student_logits) != np.shape(teacher_logits):
             raise ValueError(f"student logits {np.shape(student_logits)} and teacher logits "
                              f"{np.shape(teacher_logits)} differ")

@@ -12,11 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from m2skd import semantickitti as sk
-from m2skd.dataset import RawScanDataset, collate, instance_key
+from m2skd.dataset import RawScanDataset, collate
 from m2skd.dataset_spec import load_spec
 from m2skd.errors import DataError, StaleInputError
 from m2skd.inference import evaluate
-from m2skd.instances import InstanceAccumulator
+from m2skd.instances import InstanceAccumulator, instance_key
 from m2skd.manifest import read_manifest
 from m2skd.metrics import summarize
 from m2skd.ragged import RaggedReader

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from m2skd.atomic import write_json_atomic
-from m2skd.dataset import instance_key
+from m2skd.instances import instance_key
 from m2skd.errors import M2SKDError, StaleInputError
 from m2skd.manifest import read_manifest
 from m2skd.ragged import RaggedReader

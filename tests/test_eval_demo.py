@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from m2skd import semantickitti as sk
-from m2skd.dataset import instance_key
+from m2skd.instances import instance_key
 from m2skd.dataset_spec import load_spec
 from m2skd.render import figure_px
 from m2skd.trainer import load_checkpoint

@@ -2,9 +2,8 @@
 import numpy as np
 import pytest
 
-from m2skd.dataset import instance_key
 from m2skd.dataset_spec import load_spec
-from m2skd.instances import InstanceAccumulator, instance_records
+from m2skd.instances import InstanceAccumulator, instance_key, instance_records
 
 SPEC = load_spec()
 PERSON, MOVING_PERSON, BICYCLE, TRUCK, CAR = 30, 254, 11, 18, 10  # raw SemanticKITTI ids
