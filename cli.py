@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import click
 
@@ -117,6 +118,32 @@ def check_overrides(size: str, overrides) -> dict:
     values = parse_overrides(overrides)
     load_config(SIZES[size].config, values)
     return values
+
+
+def check_arms(size: str, base: dict, specs, taken) -> dict:
+    """The study's --arm values (LABEL:KEY=VALUE,...) as label -> overrides, each checked
+    against the config (with the --set values) before any work; an arm may change only what
+    its distilled students do, never what their shared baseline trains with."""
+    from m2skd.pipeline.demo import SIZES
+    from m2skd.train_config import load_config, parse_overrides
+
+    arms = {}
+    for spec in specs:
+        label, _, settings = spec.partition(":")
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", label) or label in taken or label in arms or not settings:
+            raise click.BadParameter(f"expected LABEL:KEY=VALUE[,KEY=VALUE] with a new label of letters, digits, "
+                                     f"'_' or '.', got {spec!r}", param_hint="--arm")
+        try:
+            values = parse_overrides(settings.split(","))
+            arm_config = load_config(SIZES[size].config, {**base, **values})
+            base_config = load_config(SIZES[size].config, base)
+        except (ValueError, TypeError) as error:
+            raise click.BadParameter(f"{spec!r}: {error}", param_hint="--arm") from None
+        if arm_config.no_distill() != base_config.no_distill():
+            raise click.BadParameter(f"{spec!r}: an arm may set only distillation settings (its baseline is shared)",
+                                     param_hint="--arm")
+        arms[label] = values
+    return arms
 
 
 @click.group()
@@ -469,6 +496,9 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
 @click.option("--seed", default=0, show_default=True, help="Seed of the data and the teachers (the demo's --seed).")
 @click.option("--kd-forms", default="kl", show_default=True, metavar="kl[,release]",
               help="Logit forms to compare, each paired with the same baselines.")
+@click.option("--arm", "arm_specs", multiple=True, metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+              help="A further arm of distilled students paired with the same baselines, e.g. "
+                   "kdh4:kd_hard_weight=4 (repeatable; distillation settings only).")
 @click.option("--teachers", default="none,hard,all", show_default=True, metavar="none,hard,all",
               help="Teachers by their input's fusion (prepare --fusion): hard (the method), none (single scans: plain "
                    "self-distillation), all (whole scans); each with its own data and cache, all paired with the same "
@@ -476,7 +506,7 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a training config key.")
 @friendly_errors
-def study(out_dir, seeds, size, seed, kd_forms, teachers, backend, overrides):
+def study(out_dir, seeds, size, seed, kd_forms, arm_specs, teachers, backend, overrides):
     """Distillation effect over paired seeds, per teacher (none, hard, all): mean, 95% t-interval and
     per-seed values for hard-class mIoU, mIoU, the transfer diagnostic (KL to the teacher, agreement),
     each class and the sparse-instance buckets. Re-running adds what is missing (seeds, forms, teachers)."""
@@ -497,8 +527,9 @@ def study(out_dir, seeds, size, seed, kd_forms, teachers, backend, overrides):
         raise click.BadParameter(f"expected some of {', '.join(FUSION_MODES)}, got {teachers!r}", param_hint="--teachers")
     progress_factory = StageBars()
 
-    result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, kd_forms=forms,
-                       overrides=check_overrides(size, overrides), on_stage=stage_announcer(progress_factory),
+    base = check_overrides(size, overrides)
+    arms = {form: {"kd_form": form} for form in forms} | check_arms(size, base, arm_specs, forms)
+    result = run_study(out_dir, seed_list, size=size, seed=seed, backend=backend, arms=arms, overrides=base, on_stage=stage_announcer(progress_factory),
                        progress_factory=progress_factory, teachers=teacher_list)
     progress_factory.close()
     table = result["table"]

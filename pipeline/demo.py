@@ -56,14 +56,15 @@ SIZES = {
 }
 
 
-def student_names(seed: int, demo_seed: int, kd_form: str = "kl") -> tuple[str, str]:
+def student_names(seed: int, demo_seed: int, arm: str = "kl") -> tuple[str, str]:
     """(distilled, baseline) run names; seeds other than the demo's own get a suffix, so a
     name always means the same seed and a re-run never mistakes one seed's model for another's.
-    A distilled student of another logit form than "kl" is named after it (distilled-release);
-    the baseline, which has no logit term, is shared by every form."""
+    A distilled student of another arm than "kl" (the default logit form) is named after it
+    (distilled-release, distilled-kdh4); the baseline, which has no distillation, is shared by
+    every arm."""
     suffix = "" if seed == demo_seed else f"-s{seed}"
-    form = "" if kd_form == "kl" else f"-{kd_form}"
-    return f"distilled{form}{suffix}", f"baseline{suffix}"
+    tag = "" if arm == "kl" else f"-{arm}"
+    return f"distilled{tag}{suffix}", f"baseline{suffix}"
 
 
 def final_model(run, name: str) -> Path:
@@ -147,22 +148,22 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
             "fusion": fusion}
 
 
-def plan_students(shared: dict, student_seeds, demo_seed: int, kd_forms=(None,)) -> tuple[dict, dict]:
-    """Per logit form, the (distilled, baseline) pair of each seed, and name -> config of every
-    student run they need (a baseline appears once, whatever the forms). kd_form None: the
-    form the configuration (and its overrides) sets."""
+def plan_students(shared: dict, student_seeds, demo_seed: int, arms: dict | None = None) -> tuple[dict, dict]:
+    """Per arm (label -> training overrides of its distilled students), the (distilled,
+    baseline) pair of each seed, and name -> config of every student run they need (a baseline
+    appears once, whatever the arms). Default: one arm, "kl", the configuration as it is."""
     s, base = shared["size"], shared["base"]
     pairs, configs = {}, {}
-    for form in kd_forms:
+    for arm, arm_overrides in (arms or {"kl": {}}).items():
         for student_seed in student_seeds:
-            values = {"steps": s.student_steps, "seed": student_seed, **base}
-            if form is not None:
-                values["kd_form"] = form
-            cfg = load_config(s.config, values)
-            distilled, baseline = student_names(student_seed, demo_seed, cfg.kd_form)
-            pairs.setdefault(cfg.kd_form, []).append((distilled, baseline))
+            cfg = load_config(s.config, {"steps": s.student_steps, "seed": student_seed, **base, **arm_overrides})
+            distilled, baseline = student_names(student_seed, demo_seed, arm)
+            pairs.setdefault(arm, []).append((distilled, baseline))
             configs.setdefault(distilled, cfg)
-            configs.setdefault(baseline, cfg.no_distill())
+            if configs.setdefault(baseline, cfg.no_distill()) != cfg.no_distill():
+                changed = sorted(k for k, v in cfg.no_distill().to_dict().items() if configs[baseline].to_dict()[k] != v)
+                raise ValueError(f"arm {arm!r} changes what its baseline trains with ({', '.join(changed)}); "
+                                 f"an arm may set only distillation settings")
     return pairs, configs
 
 
@@ -211,8 +212,8 @@ def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto
     bar = progress_factory or (lambda name: None)
     shared = build_shared(out_dir, size, seed, backend, overrides, on_stage, progress_factory)
     s, run = shared["size"], shared["run"]
-    pairs_by_form, configs = plan_students(shared, student_seeds, seed)
-    (pairs,) = pairs_by_form.values()
+    pairs_by_arm, configs = plan_students(shared, student_seeds, seed)
+    (pairs,) = pairs_by_arm.values()
     trained = {"teacher": shared["teacher"], **train_students(shared, configs, on_stage, progress_factory)}
 
     announce("eval")

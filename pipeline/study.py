@@ -11,13 +11,14 @@ and its baseline differ only in the distillation. The effect of a metric is dist
 baseline per seed, reported as its mean, 95% t-interval over seeds and per-seed values, for
 hard-class mIoU, mIoU, each class's IoU, each sparse-instance bucket (hit rate, point recall)
 and the transfer diagnostic to that teacher (KL(teacher || student) x T^2 and argmax
-agreement at val single-scan points: hard-class, all, per instance bucket). Several logit forms
-(`kd_form`) can be compared against the same baselines. Re-running with more seeds, forms or
+agreement at val single-scan points: hard-class, all, per instance bucket). Several arms, each a
+label and the distillation settings of its students (a logit form, weights), can be compared
+against the same baselines: that is how weights are tuned. Re-running with more seeds, arms or
 teachers trains and evaluates only what is missing: a finished student, its evaluation or its
 diagnostic is never redone.
 
-Outputs in OUT/run/study/: study.json, study.csv (one row per teacher, form and metric:
-teacher, kd_form, group, metric, hard, mean, ci_low, ci_high, n_seeds, one column per seed),
+Outputs in OUT/run/study/: study.json, study.csv (one row per teacher, arm and metric:
+teacher, arm, kd_form, group, metric, hard, mean, ci_low, ci_high, n_seeds, one column per seed),
 study.png, per-checkpoint evaluations in eval/<label>/ and diagnostics in transfer/<teacher>/.
 A student of a control teacher is labelled <name>@<fusion> (distilled-s1@none).
 """
@@ -128,7 +129,7 @@ def _instance_rate(metrics: dict, grouping: str, bucket: str, rate: str):
 
 
 def effects(metrics: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
-    """Paired effects of one teacher and form: summary metrics, per class, per instance bucket,
+    """Paired effects of one teacher and arm: summary metrics, per class, per instance bucket,
     and, where every checkpoint has a "transfer" diagnostic (to this teacher), its metrics."""
 
     def delta(get):
@@ -160,13 +161,13 @@ def effects(metrics: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
     return result
 
 
-def effect_rows(teacher: str, form: str, seeds, eff: dict) -> list[dict]:
-    """Flat rows for the CSV and the terminal: teacher, form, group, metric, hard, mean, CI,
-    n_seeds, per seed."""
+def effect_rows(teacher: str, arm: str, form: str, seeds, eff: dict) -> list[dict]:
+    """Flat rows for the CSV and the terminal: teacher, arm, its logit form, group, metric, hard,
+    mean, CI, n_seeds, per seed."""
     rows = []
 
     def add(group, metric, hard, e):
-        row = {"teacher": teacher, "kd_form": form, "group": group, "metric": metric, "hard": hard, "mean": e["mean"],
+        row = {"teacher": teacher, "arm": arm, "kd_form": form, "group": group, "metric": metric, "hard": hard, "mean": e["mean"],
                "ci_low": e["ci_low"], "ci_high": e["ci_high"], "n_seeds": e["n"]}
         row.update({f"seed {s}": v for s, v in zip(seeds, e["per_seed"])})
         rows.append(row)
@@ -184,19 +185,20 @@ def effect_rows(teacher: str, form: str, seeds, eff: dict) -> list[dict]:
     return rows
 
 
-def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str = "auto", kd_forms=("kl",),
+def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str = "auto", arms: dict | None = None,
               overrides: dict | None = None, on_stage=None, progress_factory=None, teachers=("hard",)) -> dict:
     """Train (what is missing), evaluate (what is missing) and report the paired effects.
 
     `seed` fixes the data and teachers (the demo's `--seed`), `seeds` the student pairs;
-    `kd_forms` the logit forms and `teachers` the teachers' fusion modes compared, each against
-    the same baselines (which live in OUT/run, so its data and teacher are always made).
+    `arms` (label -> distillation overrides; default {"kl": {}}) and `teachers` (fusion modes of
+    the teachers' input) what is compared, each against the same baselines (which live in OUT/run,
+    so its data and teacher are always made).
     """
     t0 = time.perf_counter()
     seeds = sorted({int(s) for s in seeds})
     if not seeds:
         raise ValueError("a study needs at least one seed")
-    kd_forms = tuple(dict.fromkeys(kd_forms))
+    arms = dict(arms or {"kl": {}})
     bad = [t for t in teachers if t not in FUSION_MODES]
     if bad or not teachers:
         raise ValueError(f"teachers must be among {FUSION_MODES}, got {list(teachers)}")
@@ -212,8 +214,9 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
     pairs: dict[str, dict] = {}
     configs, where = {}, {}
     for t, t_shared in by_teacher.items():
-        t_pairs, t_configs = plan_students(t_shared, seeds, seed, kd_forms)
-        pairs[t] = {form: [(student_label(d, t), b) for d, b in form_pairs] for form, form_pairs in t_pairs.items()}
+        t_pairs, t_configs = plan_students(t_shared, seeds, seed, arms)
+        pairs[t] = {arm: [(student_label(d, t), b) for d, b in arm_pairs] for arm, arm_pairs in t_pairs.items()}
+        arm_forms = {arm: t_configs[arm_pairs[0][0]].kd_form for arm, arm_pairs in t_pairs.items()}
         distilled = {name: cfg for name, cfg in t_configs.items() if cfg.distill_enabled()}
         baselines = {name: cfg for name, cfg in t_configs.items() if not cfg.distill_enabled()}
         check_existing(t_shared["run"], distilled)
@@ -232,27 +235,27 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
     announce("transfer diagnostic")
     # every student paired with a teacher, and the teacher itself on single scans (what fusion changes in its outputs)
     todo = [(label, checkpoints[label], t, by_teacher[t]["teacher"]) for t in teachers
-            for label in dict.fromkeys([n for form_pairs in pairs[t].values() for pair in form_pairs for n in pair]
+            for label in dict.fromkeys([n for arm_pairs in pairs[t].values() for pair in arm_pairs for n in pair]
                                        + [teacher_label(t)])]
     diagnostics = diagnose_each(run, todo, max_scans, backend)
 
-    by_teacher_form: dict[str, dict] = {}
+    by_teacher_arm: dict[str, dict] = {}
     rows = []
     for t in teachers:
         with_transfer = {label: {**m, "transfer": diagnostics[t][label]} if label in diagnostics[t] else m
                          for label, m in metrics.items()}
-        by_teacher_form[t] = {form: effects(with_transfer, form_pairs) for form, form_pairs in pairs[t].items()}
-        rows += [row for form, eff in by_teacher_form[t].items() for row in effect_rows(t, form, seeds, eff)]
+        by_teacher_arm[t] = {arm: effects(with_transfer, arm_pairs) for arm, arm_pairs in pairs[t].items()}
+        rows += [row for arm, eff in by_teacher_arm[t].items() for row in effect_rows(t, arm, arm_forms[arm], seeds, eff)]
     table = pd.DataFrame(rows)
     out = run / "study"
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "study.csv", index=False)
-    effect_plot({f"teacher {t}, {form}": eff for t, forms in by_teacher_form.items() for form, eff in forms.items()},
+    effect_plot({f"teacher {t}, {arm}": eff for t, by_arm in by_teacher_arm.items() for arm, eff in by_arm.items()},
                 out / "study.png", title=f"Distillation effect over {len(seeds)} paired seeds "
                                          f"(dot: mean, bar: 95% t-interval, ticks: seeds)")
     record = {
-        "seeds": seeds, "data_seed": seed, "size": size, "teachers": list(teachers), "kd_forms": list(kd_forms),
-        "pairs": pairs, "effects": by_teacher_form,
+        "seeds": seeds, "data_seed": seed, "size": size, "teachers": list(teachers), "arms": arms,
+        "pairs": pairs, "effects": by_teacher_arm,
         "checkpoints": {name: {"hard_miou": m["hard_miou"], "miou": m["miou"], "instances": m.get("instances"),
                                "transfer": {t: d[name] for t, d in diagnostics.items() if name in d}}
                         for name, m in metrics.items()},

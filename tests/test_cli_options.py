@@ -57,6 +57,7 @@ BAD_TEXT = {
     ("study", "--out"): "{file}",
     ("study", "--seeds"): "1,a",
     ("study", "--kd-forms"): "bogus",
+    ("study", "--arm"): "fast:lr=0.1",
     ("study", "--set"): "no_such_key=1",
     ("study", "--teachers"): "hard,bogus",
     ("stats", "--sequences"): "zz",

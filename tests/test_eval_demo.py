@@ -150,7 +150,8 @@ def test_study_resumes_adding_seeds_and_forms_without_retraining(demo):
     assert {"distilled", "baseline", "distilled-s1", "baseline-s1", "teacher"} <= set(stamps) and set(evals) >= {"distilled-s1"}
     assert first["pairs"] == {"hard": {"kl": [("distilled", "baseline"), ("distilled-s1", "baseline-s1")]}}
 
-    second = run_study(out, [0, 1, 2], size="tiny", backend="torch", kd_forms=("kl", "release"))
+    arms = {"kl": {"kd_form": "kl"}, "release": {"kd_form": "release"}, "kdh4": {"kd_hard_weight": 4.0}}
+    second = run_study(out, [0, 1, 2], size="tiny", backend="torch", arms=arms)
     for name, stamp in stamps.items():
         assert (run / name / "model.pt").stat().st_mtime_ns == stamp, f"{name} was retrained"
     for name, stamp in evals.items():
@@ -158,9 +159,10 @@ def test_study_resumes_adding_seeds_and_forms_without_retraining(demo):
     for name in ("distilled-s2", "baseline-s2", "distilled-release", "distilled-release-s1", "distilled-release-s2"):
         assert (run / name / "model.pt").is_file(), name
     assert json.loads((run / "distilled-release-s2/train.json").read_text())["config"]["kd_form"] == "release"
+    assert json.loads((run / "distilled-kdh4-s1/train.json").read_text())["config"]["kd_hard_weight"] == 4.0
 
     record = json.loads((run / "study/study.json").read_text())
-    assert record["seeds"] == [0, 1, 2] and record["kd_forms"] == ["kl", "release"] and record["teachers"] == ["hard"]
+    assert record["seeds"] == [0, 1, 2] and record["arms"] == arms and record["teachers"] == ["hard"]
     assert record["pairs"]["hard"]["release"] == [["distilled-release", "baseline"], ["distilled-release-s1", "baseline-s1"],
                                                   ["distilled-release-s2", "baseline-s2"]]
     for form, pairs in record["pairs"]["hard"].items():
@@ -176,5 +178,7 @@ def test_study_resumes_adding_seeds_and_forms_without_retraining(demo):
         assert set(record["effects"]["hard"][form]["instances"]["by_points"]) == {"1-9", "10-29", "30-99", "100+"}
         assert set(record["effects"]["hard"][form]["transfer"]) >= {"kl_hard", "kl_all", "agreement_hard", "agreement_all"}
     table = second["table"]
-    assert len(table[(table["group"] == "summary")]) == 4 and {"seed 0", "seed 1", "seed 2"} <= set(table.columns)
+    assert len(table[(table["group"] == "summary")]) == 6 and {"seed 0", "seed 1", "seed 2"} <= set(table.columns)
+    summary = table[table["group"] == "summary"].set_index(["arm", "metric"])
+    assert summary.loc[("kdh4", "hard_miou"), "kd_form"] == "kl" and summary.loc[("release", "miou"), "kd_form"] == "release"
     assert (run / "study/study.csv").is_file() and (run / "study/study.png").is_file()

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from m2skd.dataset_spec import load_spec
+from m2skd.pipeline.demo import SIZES, plan_students
 from m2skd.pipeline.study import run_study
 
 SPEC = load_spec()
@@ -74,3 +75,15 @@ def test_study_of_two_teachers_pairs_shared_baselines_and_resumes(tmp_path):
     changed = [p for p, stamp in _mtimes(map(Path, everything)).items() if everything[p] != stamp]
     # only the records prepare and cache-teacher rewrite after checking their outputs
     assert not [p for p in changed if not p.endswith(("teacher_cache/cache.json", "prepare/config.json"))], changed
+
+
+def test_arms_share_one_baseline_and_may_not_change_it():
+    shared = {"size": SIZES["tiny"], "base": {"backend": "torch"}}
+    pairs, configs = plan_students(shared, [0, 3], 0, {"kl": {}, "kdh4": {"kd_hard_weight": 4.0, "affinity_weight": 0.0}})
+    assert pairs == {"kl": [("distilled", "baseline"), ("distilled-s3", "baseline-s3")],
+                     "kdh4": [("distilled-kdh4", "baseline"), ("distilled-kdh4-s3", "baseline-s3")]}
+    assert configs["distilled-kdh4-s3"].kd_hard_weight == 4.0 and configs["distilled-kdh4-s3"].affinity_weight == 0.0
+    assert configs["distilled-kdh4-s3"].seed == configs["baseline-s3"].seed == 3
+    assert configs["baseline"].kd_hard_weight == configs["distilled"].kd_hard_weight == 1.0
+    with pytest.raises(ValueError, match="lr"):
+        plan_students(shared, [0], 0, {"kl": {}, "fast": {"lr": 0.05}})
