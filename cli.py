@@ -399,7 +399,7 @@ def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, bac
 
 @main.command()
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=OUT_DIR, help="Everything lands here: data/ and run/.")
-@click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
+@click.option("--size", type=click.Choice(["default", "study", "tiny"]), default="default", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
 @click.option("--student-seeds", default=None, metavar="S1,S2,...",
@@ -492,7 +492,7 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=OUT_DIR,
               help="A demo directory: its data, teacher and cache are reused (made first if missing).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, metavar="S1,S2,...", help="Student seeds, one distilled/baseline pair each.")
-@click.option("--size", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
+@click.option("--size", type=click.Choice(["default", "study", "tiny"]), default="default", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed of the data and the teachers (the demo's --seed).")
 @click.option("--kd-forms", default="kl", show_default=True, metavar="kl[,release]",
               help="Logit forms to compare, each paired with the same baselines.")
