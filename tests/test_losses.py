@@ -189,8 +189,8 @@ def test_release_gradient_does_not_vanish_near_agreement():
 
 
 def test_kd_weight_is_the_forms_default_unless_set():
-    assert KD_FORM_WEIGHTS == {"kl": 0.0225, "release": 5.0}
-    assert kd_weight_for("kl") == 0.0225 and kd_weight_for("release") == 5.0
+    assert KD_FORM_WEIGHTS == {"kl": 0.1, "release": 5.0}
+    assert kd_weight_for("kl") == 0.1 and kd_weight_for("release") == 5.0
     assert kd_weight_for("release", 0.5) == 0.5 and kd_weight_for("kl", 0.0) == 0.0
     with pytest.raises(ValueError):
         kd_weight_for("l2")
@@ -201,7 +201,7 @@ def test_kd_weight_is_the_forms_default_unless_set():
     total, _ = distillation_loss(sl, tl, config={"kd_form": "release", "kd_weight": 0.5, **no_aux})
     assert total.item() == pytest.approx(0.5 * logit_distillation(sl, tl, form="release").item(), rel=1e-12)
     total, _ = distillation_loss(sl, tl, config=no_aux)
-    assert total.item() == pytest.approx(0.0225 * logit_distillation(sl, tl).item(), rel=1e-12)
+    assert total.item() == pytest.approx(0.1 * logit_distillation(sl, tl).item(), rel=1e-12)
 
 
 def test_train_config_kd_form_and_weight():
@@ -228,7 +228,7 @@ def test_trainer_distill_terms_goes_through_the_one_combiner():
     instance = torch.zeros(8, dtype=torch.long)
     instance[idx] = torch.tensor([7, 7, 7, 9, 9])
     adapter = FeatureAdapter(3, 6)
-    cfg = TrainConfig(kd_form="release", feat_weight=0.5, affinity_weight=2.0, affinity_max_points=None)
+    cfg = TrainConfig(kd_form="release", feat_weight=0.5, affinity_weight=2.0, affinity_max_points=None, kd_hard_weight=1.0)
     batch = {"teacher_logits": t_logits, "teacher_feats": t_feats, "teacher_feat_index": idx, "instance": instance,
              "label": torch.ones(8, dtype=torch.long)}
     logs = {}
@@ -404,7 +404,7 @@ def test_changing_what_the_student_trains_on_changes_its_fingerprint():
 
     base = fingerprint_json(TrainConfig().math_dict())
     baseline = fingerprint_json(TrainConfig().no_distill().math_dict())
-    for change in ({"kd_hard_weight": 5.0}, {"affinity_form": "class"}, {"feature_layer": "dec4"}, {"kd_form": "release"},
+    for change in ({"kd_hard_weight": 2.0}, {"affinity_form": "class"}, {"feature_layer": "dec4"}, {"kd_form": "release"},
                    {"affinity_max_points": 8}):
         assert fingerprint_json(TrainConfig(**change).math_dict()) != base, change
         assert fingerprint_json(TrainConfig(**change).no_distill().math_dict()) == baseline, change
