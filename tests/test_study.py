@@ -84,6 +84,6 @@ def test_arms_share_one_baseline_and_may_not_change_it():
                      "kdh4": [("distilled-kdh4", "baseline"), ("distilled-kdh4-s3", "baseline-s3")]}
     assert configs["distilled-kdh4-s3"].kd_hard_weight == 4.0 and configs["distilled-kdh4-s3"].affinity_weight == 0.0
     assert configs["distilled-kdh4-s3"].seed == configs["baseline-s3"].seed == 3
-    assert configs["baseline"].kd_hard_weight == configs["distilled"].kd_hard_weight == 5.0
+    assert configs["distilled"].kd_hard_weight == 5.0 and configs["baseline"].kd_hard_weight == 1.0
     with pytest.raises(ValueError, match="lr"):
         plan_students(shared, [0], 0, {"kl": {}, "fast": {"lr": 0.05}})
