@@ -320,16 +320,54 @@ def test_drive_has_semantickitti_class_shares(tmp_path):
         assert min(counts.values()) > 0, (split, counts)
 
 
-def test_bounding_box_prefilter_changes_no_scan(monkeypatch):
-    """Objects of several parts are cast only where rays cross their bounding box: the scans
-    must equal those cast against every part, bit for bit."""
+def _cast_every_ray(scene, positions, headings, origin, rotation, grid, dirs, best_t, best_gid):
+    """Reference caster: every object's primitives against every ray (no blocks, no bounding
+    boxes), objects in order, then boxes, cylinders, ellipsoids, rings, the nearest hit kept
+    and a tie going to the primitive cast first."""
+    from m2skd.synth import lidar
+
+    packed = scene.packed
+    flat = np.stack([d.reshape(-1) for d in dirs], axis=1)
+    view_t, view_gid = best_t.reshape(-1), best_gid.reshape(-1)
+    world = lidar._world_primitives(packed, positions, headings)
+    for obj in range(len(positions)):
+        for kind in lidar.KINDS:
+            a, b = packed.start[kind][obj:obj + 2]
+            if b == a:
+                continue
+            table = getattr(packed, kind)
+            if kind == "box":
+                t = lidar.intersect_boxes(origin, flat, world["box_center"][a:b], table["half"][a:b],
+                                          world["box_yaw"][a:b], table["pitch"][a:b])
+            elif kind == "cylinder":
+                t = lidar.intersect_cylinders(origin, flat, world["cyl_xy"][a:b], world["cyl_z"][a:b],
+                                              table["radius"][a:b])
+            elif kind == "ellipsoid":
+                t = lidar.intersect_ellipsoids(origin, flat, world["ell_center"][a:b], table["semi"][a:b],
+                                               world["ell_yaw"][a:b], table["pitch"][a:b])
+            else:
+                t = lidar.intersect_rings(origin, flat, world["ring_center"][a:b], world["ring_yaw"][a:b],
+                                          table["radius"][a:b], table["inner"][a:b], table["half_width"][a:b])
+            for row, t_row in zip(range(a, b), t):
+                closer = t_row < view_t
+                view_t[closer] = t_row[closer]
+                view_gid[closer] = table["gid"][row]
+
+
+def test_ray_blocks_change_no_scan(monkeypatch):
+    """Primitives are cast only on the rays their bounding boxes can reach, several at once or
+    one by one: the scans must equal those of casting every primitive against every ray, bit
+    for bit (a street with riders, wheels, pitched limbs and frames, trucks and buildings)."""
     import m2skd.synth.lidar as lidar
 
-    scene = scene_for("00", 30, seed=1)
-    for frame in (0, 17, 29):
+    config = SynthConfig(beams=32, azimuth_steps=512, min_hard_per_100m=3.0)
+    scene = scene_for("08", 40, seed=1, config=config)
+    assert all(len(getattr(scene.packed, kind)["gid"]) for kind in lidar.KINDS)
+    fast_cast = lidar.cast_objects
+    for frame in (0, 23, 39):
         fast = simulate_scan(scene, frame, np.random.default_rng(frame))
-        monkeypatch.setattr(lidar, "PREFILTER_PARTS", 10**9)
+        monkeypatch.setattr(lidar, "cast_objects", _cast_every_ray)
         full = simulate_scan(scene, frame, np.random.default_rng(frame))
-        monkeypatch.setattr(lidar, "PREFILTER_PARTS", 3)
+        monkeypatch.setattr(lidar, "cast_objects", fast_cast)
         for a, b in ((fast.points, full.points), (fast.raw, full.raw), (fast.instance, full.instance)):
             np.testing.assert_array_equal(a, b)

@@ -295,7 +295,10 @@ class PackedPrimitives:
 
     `gid` is the global primitive id (ground ids first) indexing the per-primitive tables
     `raw`, `instance`, `albedo`, `roughness`. `start[kind][o]:start[kind][o + 1]` are the
-    rows of object o in the arrays of that kind.
+    rows of object o in the arrays of that kind. Each kind's table also holds every row's
+    `owner` (object index) and the local axis-aligned bounds of the primitive in its object's
+    frame (`part_center`, `part_half`); boxes and ellipsoids hold `group_pitched`: some
+    primitive of that kind in the same object is pitched.
     """
 
     raw: np.ndarray
@@ -310,8 +313,6 @@ class PackedPrimitives:
     bound_center: np.ndarray  # (n_obj, 3) local centre of each object's bounding sphere
     bound_radius: np.ndarray  # (n_obj,)
     bound_z: np.ndarray       # (n_obj, 2) lowest and highest local z of each object
-    bound_half: np.ndarray    # (n_obj, 3) half extents of each object's local bounding box (centre: bound_center)
-    part_count: np.ndarray    # (n_obj,) primitives per object
 
 
 def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
@@ -320,7 +321,8 @@ def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
     albedo = [ALBEDO[r] for r in FIXED_IDS]
     rows = {kind: [] for kind in KIND_COLUMNS}
     owners = {kind: [] for kind in KIND_COLUMNS}
-    bound_center, bound_radius, bound_z, bound_half = [], [], [], []
+    part_bounds = {kind: [] for kind in KIND_COLUMNS}
+    bound_center, bound_radius, bound_z = [], [], []
     for o, obj in enumerate(objects):
         for part in obj.parts:
             part_raw = part.raw if part.raw is not None else obj.raw
@@ -331,26 +333,32 @@ def pack_primitives(objects: list[SceneObject]) -> PackedPrimitives:
             kind, row = _primitive_row(part.shape, gid)
             rows[kind].append(row)
             owners[kind].append(o)
+            part_bounds[kind].append(shape_bounds(part.shape))
         lo, hi = obj.local_bounds()
         bound_center.append((lo + hi) / 2)
         bound_radius.append(np.linalg.norm(hi - lo) / 2)
         bound_z.append((lo[2], hi[2]))
-        bound_half.append((hi - lo) / 2)
     raw_arr = np.asarray(raw, dtype=np.uint32)
     n_obj = len(objects)
     start = {kind: np.searchsorted(np.asarray(owners[kind], dtype=np.int64), np.arange(n_obj + 1)) for kind in rows}
+    tables = {kind: _stack_rows(rows[kind], KIND_COLUMNS[kind]) for kind in KIND_COLUMNS}
+    for kind, table in tables.items():
+        lo_hi = np.asarray(part_bounds[kind], dtype=float).reshape(-1, 2, 3)
+        table["owner"] = np.asarray(owners[kind], dtype=np.int64)
+        table["part_center"] = (lo_hi[:, 0] + lo_hi[:, 1]) / 2
+        table["part_half"] = (lo_hi[:, 1] - lo_hi[:, 0]) / 2
+        if "pitch" in table:
+            table["group_pitched"] = np.isin(table["owner"], table["owner"][table["pitch"] != 0])
     return PackedPrimitives(
         raw=raw_arr,
         instance=np.asarray(instance, dtype=np.uint32),
         albedo=np.asarray(albedo),
         roughness=np.asarray([ROUGHNESS.get(_static_id(int(r)), 0.0) for r in raw_arr]),
-        **{kind: _stack_rows(rows[kind], KIND_COLUMNS[kind]) for kind in KIND_COLUMNS},
+        **tables,
         start=start,
         bound_center=np.asarray(bound_center).reshape(-1, 3),
         bound_radius=np.asarray(bound_radius),
         bound_z=np.asarray(bound_z, dtype=float).reshape(-1, 2),
-        bound_half=np.asarray(bound_half, dtype=float).reshape(-1, 3),
-        part_count=np.array([len(obj.parts) for obj in objects], dtype=np.int64),
     )
 
 
