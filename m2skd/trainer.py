@@ -480,12 +480,8 @@ def distill_terms(cfg: TrainConfig, out, batch: dict, adapter, logs: dict, seed:
     instance = batch["instance"][idx]
     class_ids = batch["label"][idx] + (instance >> 24) * 64  # per scan, for affinity_form=class
     hard_points = hard_lut[batch["label"]] if hard_lut is not None else batch["instance"] > 0
-    config = {"kd_form": cfg.kd_form, "kd_weight": cfg.kd_weight, "temperature": cfg.temperature,
-              "feat_weight": cfg.feat_weight, "affinity_weight": cfg.affinity_weight,
-              "max_points_per_instance": cfg.affinity_max_points, "affinity_form": cfg.affinity_form,
-              "kd_hard_weight": cfg.kd_hard_weight}
     total, parts = distillation_loss(out.logits.float(), batch["teacher_logits"], student_feats, batch["teacher_feats"],
-                                     instance_ids=instance, config=config, class_ids=class_ids, generator=generator,
+                                     config=cfg, instance_ids=instance, class_ids=class_ids, generator=generator,
                                      adapter=adapter, hard_points=hard_points, feat_index=idx)
     logs.update(parts)
     return total
