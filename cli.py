@@ -300,6 +300,7 @@ def train_options(fn):
 
 def run_training(role, run_dir, config_path, overrides, backend, amp, steps, name, resume, overwrite, device,
                  allow_world_size_change=False, no_distill=False):
+    from m2skd.distributed import rank
     from m2skd.train_config import load_config, parse_overrides
     from m2skd.trainer import train
 
@@ -310,7 +311,7 @@ def run_training(role, run_dir, config_path, overrides, backend, amp, steps, nam
     cfg = load_config(config_path or "semantickitti", values)
     if no_distill:
         cfg = cfg.no_distill()
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports (train() calls back on it alone)
+    main_rank = rank() == 0  # under torchrun only rank 0 reports (train() calls back on it alone)
     bar = Progress(f"train-{name or ('baseline' if no_distill else role)}", unit="step") if main_rank else None
     shown = ("loss", "ce", "lovasz", "kd", "feat", "affinity", "val_miou")
 

@@ -6,19 +6,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .dataset import ResumableBatchSampler, ScanDataset, collate, to_device
 from .dataset_spec import load_spec
-from .errors import DataError, M2SKDError, StaleInputError
+from .distributed import DistributedContext, world_size
+from .errors import DataError, StaleInputError
 from .fingerprint import fingerprint_bytes, fingerprint_json
 from .inference import autocast, evaluate
 from .manifest import read_manifest
@@ -97,62 +96,6 @@ def load_checkpoint(path, backend: str = "auto", device="cpu", spec=None):
     return model.to(device), ckpt
 
 
-class DistributedContext:
-    """Rank/world from torchrun's environment; a no-op in a single process.
-
-    Under torchrun each rank uses its own GPU (LOCAL_RANK), also when `--device cuda` is given."""
-
-    def __init__(self, device: str | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = resolve_device(device, self.local_rank if self.world > 1 else None)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, module):
-        if self.world == 1:
-            return module
-        if self.device.type == "cuda":
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(value)
-        return value
-
-    def broadcast_buffers(self, module) -> None:
-        """Rank 0's norm statistics everywhere (each rank updates its own on its own batch), so
-        every rank validates the model rank 0 saves."""
-        if self.world > 1:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, 0)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def resolve_device(device: str | None, local_rank: int | None = None) -> torch.device:
-    """cuda when available unless told otherwise; under torchrun 'cuda' means this rank's GPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise M2SKDError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        if local_rank is not None and dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
-
-
 class StudentNet(torch.nn.Module):
     """The student and its feature adapter as one module, so DistributedDataParallel keeps both
     in sync across ranks and a checkpoint holds both."""
@@ -197,8 +140,7 @@ def current_model(run_dir, name: str, role: str, cfg: TrainConfig) -> str | None
     if role == "student" and cfg.distill_enabled():
         cache_json = run.teacher_cache / "cache.json"
         cache_record = read_json(cache_json) if cache_json.is_file() else {}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    expected = train_record(run, role, name, cfg, read_manifest(run.manifest)[1]["content_fingerprint"], cache_record, world)
+    expected = train_record(run, role, name, cfg, read_manifest(run.manifest)[1]["content_fingerprint"], cache_record, world_size())
     same_length = ckpt["config"].get("steps") == cfg.steps and ckpt["config"].get("epochs") == cfg.epochs
     return str(path) if same_length and ckpt.get("record", {}).get("fingerprint") == expected["fingerprint"] else None
 
