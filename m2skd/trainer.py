@@ -3,28 +3,26 @@ optionally distilled from the teacher cache). Step-based, exactly resumable, DDP
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
 import torch
 from torch.utils.data import DataLoader
 
+from .checkpoint import model_from_config, read_checkpoint, restore_training, write_checkpoint
 from .dataset import ResumableBatchSampler, ScanDataset, collate, to_device
 from .dataset_spec import load_spec
 from .distributed import DistributedContext, world_size
 from .errors import DataError, StaleInputError
-from .fingerprint import fingerprint_bytes, fingerprint_json
+from .fingerprint import file_fingerprint, fingerprint_json
 from .inference import autocast, evaluate
 from .manifest import read_manifest
 from .losses import FeatureAdapter, distillation_loss, segmentation_loss
 from .metrics import summarize
-from .models import build_model, resolve_backend
-from .atomic import atomic_path, read_json, sweep_temporaries, write_json_atomic
+from .models import resolve_backend
+from .atomic import read_json, sweep_temporaries, write_json_atomic
 from .rundir import RunDir
 from .teacher_cache import CACHE_FORMAT
 from .train_config import ConfigError, TrainConfig
@@ -39,61 +37,6 @@ def spec_for_run(run: RunDir):
         raise StaleInputError(f"{record_path}: no prepared data in {run.root}; run `m2skd prepare DATA {run.root}` first")
     record = read_json(record_path)
     return load_spec(record["config"]["dataset"]).with_hard_classes(record["config"]["hard_classes"])
-
-
-def model_from_config(cfg: TrainConfig, num_classes: int, backend: str | None = None):
-    return build_model(in_channels=4, num_classes=num_classes, depth=cfg.depth, widths=tuple(cfg.widths),
-                       stem_width=cfg.stem_width, backend=backend or cfg.backend)
-
-
-def save_atomic(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def file_fingerprint(path) -> str:
-    """Hash of a file's bytes, read in blocks (checkpoints can be hundreds of MB)."""
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_checkpoint(path) -> dict:
-    """A checkpoint dict, or one line naming the file when it is not an m2skd checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle, zip and torch errors of every kind
-        raise DataError(path, f"not a readable checkpoint ({type(exc).__name__}); re-run the stage that wrote it") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "num_classes"} <= set(ckpt):
-        raise DataError(path, "not an m2skd checkpoint (no model/config/num_classes)")
-    return ckpt
-
-
-def check_num_classes(path, ckpt: dict, spec) -> None:
-    if ckpt["num_classes"] != spec.num_classes:
-        raise DataError(path, f"the model predicts {ckpt['num_classes']} classes but dataset {spec.name!r} has "
-                              f"{spec.num_classes}; use a checkpoint trained on this dataset")
-
-
-def load_checkpoint(path, backend: str = "auto", device="cpu", spec=None):
-    """(model, checkpoint dict): the model is rebuilt from the recorded config under `backend`.
-    With `spec`, a checkpoint for another class count is refused."""
-    ckpt = read_checkpoint(path)
-    if spec is not None:
-        check_num_classes(path, ckpt, spec)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
-    model = model_from_config(cfg, ckpt["num_classes"], resolve_backend(backend, device))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise DataError(path, f"weights do not fit the recorded model ({str(exc).splitlines()[0]})") from None
-    return model.to(device), ckpt
 
 
 class StudentNet(torch.nn.Module):
@@ -280,14 +223,8 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     if last.exists() and resume:
         ckpt = read_checkpoint(last)
         check_resumable(last, ckpt.get("record", {}), record, allow_world_size_change)
-        model.load_state_dict(ckpt["model"])
-        if adapter is not None:
-            adapter.load_state_dict(ckpt["adapter"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        start_step, history = restore_training(ckpt, model, adapter, optimizer, scheduler, scaler)
         scheduler.total_steps = total_steps  # a longer run: the schedule is stretched to the new length
-        scaler.load_state_dict(ckpt["scaler"])
-        start_step, history = ckpt["step"], ckpt["history"]
         if start_step > total_steps:
             raise StaleInputError(f"{last}: already at step {start_step}, beyond the {total_steps} steps asked for")
     elif (last.exists() or (out_dir / "model.pt").exists()) and not overwrite:
@@ -315,11 +252,8 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
 
     def checkpoint(step: int):
         if ctx.main:
-            save_atomic({
-                "model": model.state_dict(), "adapter": adapter.state_dict() if adapter else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "history": history, "record": record, "config": cfg.to_dict(), "num_classes": spec.num_classes,
-            }, last)
+            write_checkpoint(last, model, cfg.to_dict(), spec.num_classes, record, history, step, adapter,
+                             optimizer, scheduler, scaler)
 
     def validate(step: int):
         ctx.broadcast_buffers(model)
@@ -362,9 +296,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
               "history": history, "checkpoint": None}
     if step == total_steps and ctx.main:
         final = out_dir / "model.pt"
-        save_atomic({"model": model.state_dict(), "adapter": adapter.state_dict() if adapter else None,
-                     "config": cfg.to_dict(), "num_classes": spec.num_classes,
-                     "record": record, "history": history, "step": step}, final)
+        write_checkpoint(final, model, cfg.to_dict(), spec.num_classes, record, history, step, adapter)
         result["checkpoint"] = str(final)
         result["checkpoint_fingerprint"] = file_fingerprint(final)
         write_json_atomic(out_dir / "train.json", result)

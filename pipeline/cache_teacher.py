@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from m2skd.atomic import sweep_temporaries, write_json_atomic
+from m2skd.checkpoint import check_num_classes, load_checkpoint, read_checkpoint
 from m2skd.distributed import resolve_device
 from m2skd.errors import DataError, StaleInputError
-from m2skd.fingerprint import fingerprint_json
+from m2skd.fingerprint import file_fingerprint, fingerprint_json
 from m2skd.inference import predict
 from m2skd.manifest import read_manifest
 from m2skd.metrics import confusion_matrix, summarize
@@ -24,7 +25,7 @@ from m2skd.ragged import RaggedReader, dir_bytes, group_is_current, write_ragged
 from m2skd.rundir import RunDir
 from m2skd.teacher_cache import (CACHE_FORMAT, CODES_CLEVEL, DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, decode_features,
                                  decode_logits, encode_features, encode_logits, kl_per_point)
-from m2skd.trainer import check_num_classes, file_fingerprint, load_checkpoint, read_checkpoint, spec_for_run
+from m2skd.trainer import spec_for_run
 from m2skd.transforms import voxel_coords
 
 from .parallel import run_tasks

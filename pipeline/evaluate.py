@@ -24,9 +24,11 @@ from m2skd.teacher_cache import stored_logits
 from m2skd.transfer import TransferAccumulator
 from m2skd.plots import confusion_plot, instance_plot, iou_bars
 from m2skd.atomic import read_json, write_json_atomic
+from m2skd.checkpoint import load_checkpoint
 from m2skd.distributed import resolve_device
+from m2skd.fingerprint import file_fingerprint
 from m2skd.rundir import RunDir
-from m2skd.trainer import file_fingerprint, load_checkpoint, spec_for_run
+from m2skd.trainer import spec_for_run
 
 from .cache_teacher import teacher_outputs
 

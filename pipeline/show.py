@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from m2skd.atomic import write_json_atomic
+from m2skd.checkpoint import load_checkpoint
 from m2skd.instances import instance_key
 from m2skd.errors import M2SKDError, StaleInputError
 from m2skd.manifest import read_manifest
@@ -24,7 +25,7 @@ from m2skd.ragged import RaggedReader
 from m2skd.render import bev_figure, class_colours, fusion_figure
 from m2skd.rundir import RunDir
 from m2skd.teacher_cache import stored_logits
-from m2skd.trainer import load_checkpoint, spec_for_run
+from m2skd.trainer import spec_for_run
 from m2skd.transforms import voxel_coords
 
 VIEWS = ("bev", "fusion", "cache")

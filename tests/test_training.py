@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from m2skd.checkpoint import load_checkpoint
 from m2skd.dataset import ScanDataset, collate
 from m2skd.errors import StaleInputError
 from m2skd.losses import kd_weight_for
@@ -15,7 +16,7 @@ from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
 from m2skd.teacher_cache import decode_features, stored_logits
 from m2skd.train_config import TrainConfig
-from m2skd.trainer import load_checkpoint, spec_for_run, train
+from m2skd.trainer import spec_for_run, train
 from m2skd.transforms import AugmentConfig
 from m2skd.pipeline.cache_teacher import CacheConfig, run_cache, teacher_outputs
 
