@@ -371,6 +371,7 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
                   dask_scheduler, overwrite, verify):
     """Run the teacher once over the fused shards; store its targets at the single-scan points."""
     from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
+    from m2skd.rundir import RunDir
 
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
     cfg = CacheConfig(logit_encoding, feature_encoding, feature_layer, csv_list(splits), backend, device, threads)
@@ -379,7 +380,7 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
     summary = run_cache(run_dir, teacher, cfg, jobs=jobs, overwrite=overwrite, progress=bar, dask_scheduler=dask_scheduler,
                         verify=verify)
     bar.close()
-    echo_summary(f"cached teacher targets in {run_dir}/teacher_cache", summary)
+    echo_summary(f"cached teacher targets in {RunDir(run_dir).teacher_cache}", summary)
 
 
 @main.command("eval")

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import model_from_config, read_checkpoint, restore_training, write_checkpoint
 from .dataset import ResumableBatchSampler, ScanDataset, collate, to_device
-from .dataset_spec import load_spec
 from .distributed import DistributedContext, world_size
 from .errors import DataError, StaleInputError
 from .fingerprint import file_fingerprint, fingerprint_json
@@ -23,20 +22,12 @@ from .losses import FeatureAdapter, distillation_loss, segmentation_loss
 from .metrics import summarize
 from .models import resolve_backend
 from .atomic import read_json, sweep_temporaries, write_json_atomic
-from .rundir import RunDir
+from .rundir import RunDir, spec_for_run
 from .teacher_cache import CACHE_FORMAT
 from .train_config import ConfigError, TrainConfig
 from .transforms import AugmentConfig
 
 ROLES = ("teacher", "student")
-
-
-def spec_for_run(run: RunDir):
-    record_path = run.prepare / "config.json"
-    if not record_path.is_file():
-        raise StaleInputError(f"{record_path}: no prepared data in {run.root}; run `m2skd prepare DATA {run.root}` first")
-    record = read_json(record_path)
-    return load_spec(record["config"]["dataset"]).with_hard_classes(record["config"]["hard_classes"])
 
 
 class StudentNet(torch.nn.Module):
@@ -72,7 +63,7 @@ def current_model(run_dir, name: str, role: str, cfg: TrainConfig) -> str | None
     """RUN/name/model.pt if it is what training `role` with `cfg` on the run's current shards
     (and, for a distilled student, its current cache) would give; None if absent or stale."""
     run = RunDir(run_dir)
-    path = run.model_dir(name) / "model.pt"
+    path = run.model(name)
     if not path.is_file() or not run.manifest.is_file():
         return None
     try:
@@ -81,8 +72,7 @@ def current_model(run_dir, name: str, role: str, cfg: TrainConfig) -> str | None
         return None
     cache_record = None
     if role == "student" and cfg.distill_enabled():
-        cache_json = run.teacher_cache / "cache.json"
-        cache_record = read_json(cache_json) if cache_json.is_file() else {}
+        cache_record = read_json(run.cache_record) if run.cache_record.is_file() else {}
     expected = train_record(run, role, name, cfg, read_manifest(run.manifest)[1]["content_fingerprint"], cache_record, world_size())
     same_length = ckpt["config"].get("steps") == cfg.steps and ckpt["config"].get("epochs") == cfg.epochs
     return str(path) if same_length and ckpt.get("record", {}).get("fingerprint") == expected["fingerprint"] else None
@@ -91,7 +81,7 @@ def current_model(run_dir, name: str, role: str, cfg: TrainConfig) -> str | None
 def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str) -> dict:
     """The teacher cache's record, refused if made from other shards, by another teacher than
     the one now in its place, or for another feature layer than the student distils."""
-    record_path = run.teacher_cache / "cache.json"
+    record_path = run.cache_record
     if not record_path.is_file():
         raise StaleInputError(f"{record_path}: no teacher cache; run `m2skd cache-teacher {run.root}` first")
     record = read_json(record_path)
@@ -215,7 +205,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
 
     record = train_record(run, role, name, cfg, train_set.manifest_fingerprint, cache_record, ctx.world)
     record["backend"] = backend
-    last = out_dir / "checkpoints" / "last.pt"
+    last = run.last_checkpoint(name)
     if ctx.main:
         sweep_temporaries(out_dir)
     start_step = 0
@@ -227,14 +217,14 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         scheduler.total_steps = total_steps  # a longer run: the schedule is stretched to the new length
         if start_step > total_steps:
             raise StaleInputError(f"{last}: already at step {start_step}, beyond the {total_steps} steps asked for")
-    elif (last.exists() or (out_dir / "model.pt").exists()) and not overwrite:
+    elif (last.exists() or run.model(name).exists()) and not overwrite:
         raise StaleInputError(f"{out_dir}: already has checkpoints; pass --resume to continue or --overwrite to start again")
     elif overwrite and ctx.main:
-        for old in (last, out_dir / "model.pt"):
+        for old in (last, run.model(name)):
             old.unlink(missing_ok=True)
 
     if ctx.main:
-        write_json_atomic(out_dir / "train.json", record)
+        write_json_atomic(run.train_record(name), record)
     net = ctx.wrap(student)
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, total_steps, cfg.seed, start_step, ctx.rank, ctx.world)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
@@ -248,7 +238,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     if ctx.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
+        writer = SummaryWriter(str(run.tensorboard(name)), purge_step=start_step)
 
     def checkpoint(step: int):
         if ctx.main:
@@ -295,11 +285,11 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     result = {**record, "device": str(ctx.device), "steps_done": step, "total_steps": total_steps, "seconds": seconds,
               "history": history, "checkpoint": None}
     if step == total_steps and ctx.main:
-        final = out_dir / "model.pt"
+        final = run.model(name)
         write_checkpoint(final, model, cfg.to_dict(), spec.num_classes, record, history, step, adapter)
         result["checkpoint"] = str(final)
         result["checkpoint_fingerprint"] = file_fingerprint(final)
-        write_json_atomic(out_dir / "train.json", result)
+        write_json_atomic(run.train_record(name), result)
     if on_finish is not None:
         on_finish(student)
     ctx.barrier()

@@ -31,12 +31,12 @@ from m2skd.models import build_model, count_parameters, sparse_torch
 from m2skd.models.me_compat import minkowski_available
 from m2skd.atomic import write_json_atomic
 from m2skd.ragged import write_ragged
-from m2skd.rundir import RunDir
+from m2skd.rundir import RunDir, spec_for_run
 from m2skd.synth import SynthConfig, generate_dataset
 from m2skd.teacher_cache import (DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, FEATURE_ENCODINGS, LOGIT_ENCODINGS,
                                  decode_features, decode_logits, encode_features, encode_logits, kl_per_point)
 from m2skd.train_config import ConfigError, load_config
-from m2skd.trainer import spec_for_run, train, training_step
+from m2skd.trainer import train, training_step
 from m2skd.transforms import AugmentConfig
 
 from .cache_teacher import CACHE_COMPRESSION, CacheConfig, run_cache, teacher_outputs

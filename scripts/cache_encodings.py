@@ -26,8 +26,7 @@ from m2skd.inference import predict
 from m2skd.manifest import read_manifest
 from m2skd.metrics import confusion_matrix, summarize
 from m2skd.ragged import RaggedReader
-from m2skd.rundir import RunDir
-from m2skd.trainer import spec_for_run
+from m2skd.rundir import RunDir, spec_for_run
 from m2skd.pipeline.bench import bench_encodings
 from m2skd.pipeline.cache_teacher import teacher_outputs
 
