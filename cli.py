@@ -100,6 +100,52 @@ DEVICE = Device()
 OUT_DIR = click.Path(file_okay=False)
 
 
+# Options several commands share, each declared once; a command passes its own default and help.
+# A default of None is not shown in --help.
+
+def _shown(default) -> bool | None:
+    return None if default is None else True
+
+
+def backend_option(default: str | None = "auto", help: str | None = None):
+    """None: the training config's backend."""
+    return click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default=default,
+                        show_default=_shown(default), help=help)
+
+
+def device_option(default: str | None = None, help: str | None = None):
+    return click.option("--device", type=DEVICE, default=default, show_default=_shown(default), help=help)
+
+
+def jobs_option(help: str | None = None):
+    return click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help=help)
+
+
+def seed_option(help: str | None = None):
+    return click.option("--seed", default=0, show_default=True, help=help)
+
+
+def set_option(help: str):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=help)
+
+
+def out_option(default: str | None, help: str):
+    return click.option("--out", "out_dir", default=default, show_default=_shown(default), type=OUT_DIR, help=help)
+
+
+def size_option():
+    return click.option("--size", type=click.Choice(["default", "study", "tiny"]), default="default", show_default=True)
+
+
+def dask_scheduler_option(help: str | None = None):
+    return click.option("--dask-scheduler", default=None, help=help)
+
+
+def verify_option():
+    return click.option("--verify", is_flag=True,
+                        help="Hash every chunk of the existing output (else only where a size or stamp differs).")
+
+
 def stage_announcer(progress_factory: StageBars):
     """on_stage for demo and study: closes the finished stage's progress, then names the next."""
 
@@ -157,10 +203,10 @@ def main():
 @click.option("--sequences", default="00,08", show_default=True, callback=sequence_names,
               help="Comma-separated sequence names (their split follows SemanticKITTI).")
 @click.option("--frames", default=20, show_default=True, type=click.IntRange(min=1), help="Scans per sequence.")
-@click.option("--seed", default=0, show_default=True)
+@seed_option()
 @click.option("--beams", default=64, show_default=True, type=click.IntRange(min=2), help="Laser beams (size knob).")
 @click.option("--azimuth-steps", default=2048, show_default=True, type=click.IntRange(min=8), help="Columns per revolution (size knob).")
-@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
+@jobs_option()
 @friendly_errors
 def synth(out, sequences, frames, seed, beams, azimuth_steps, jobs):
     """Write a synthetic SemanticKITTI-layout dataset from a simulated spinning LiDAR."""
@@ -178,7 +224,7 @@ def synth(out, sequences, frames, seed, beams, azimuth_steps, jobs):
 @main.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False), required=False)
 @click.option("--sequences", default=None, help="Comma-separated sequences (default: every labelled one).")
-@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1))
+@jobs_option()
 @click.option("--shapes", is_flag=True, help="Also print the simulator's median points per hard-class object at 10 and 25 m.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
 @friendly_errors
@@ -230,10 +276,10 @@ def stats(data, sequences, jobs, shapes, json_out):
 @click.option("--moving-threshold", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="World-frame centroid travel (m) over the window that marks an instance as moving.")
 @click.option("--dataset", default="semantickitti", show_default=True, help="Name or path of a data_manifests/ description.")
-@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Parallel workers (joblib/loky).")
-@click.option("--dask-scheduler", default=None, help="Run shard jobs on this Dask cluster instead.")
+@jobs_option(help="Parallel workers (joblib/loky).")
+@dask_scheduler_option(help="Run shard jobs on this Dask cluster instead.")
 @click.option("--overwrite", is_flag=True, help="Rewrite every shard even if done.")
-@click.option("--verify", is_flag=True, help="Hash every chunk of the existing output (else only where a size or stamp differs).")
+@verify_option()
 @click.option("--voxel-size", default=None, type=click.FloatRange(min=0, min_open=True), metavar="METRES",
               help="Also report what fusion adds to hard instances at this voxel size (the training one): points and "
                    "occupied voxels, fused vs single.")
@@ -264,14 +310,14 @@ def train_options(fn):
     options = [
         click.argument("run_dir", type=click.Path(exists=True, file_okay=False)),
         click.option("--config", "config_path", default=None, help="YAML in configs/ (name) or a path; default: configs/semantickitti.yaml."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. --set steps=500."),
-        click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default=None, help="Sparse backend (overrides config)."),
+        set_option(help="Override a config key (repeatable), e.g. --set steps=500."),
+        backend_option(None, help="Sparse backend (overrides config)."),
         click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default=None, help="Mixed precision (torch backend)."),
         click.option("--steps", type=click.IntRange(min=1), default=None),
         click.option("--name", default=None, callback=folder_name, help="Output folder under RUN_DIR (default: the role)."),
         click.option("--resume", is_flag=True, help="Continue from RUN_DIR/<name>/checkpoints/last.pt."),
         click.option("--overwrite", is_flag=True, help="Start again, replacing existing checkpoints."),
-        click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun each rank's own GPU)."),
+        device_option(help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun each rank's own GPU)."),
         click.option("--allow-world-size-change", is_flag=True, help="Resume on another number of processes (changes the global batch)."),
     ]
     for option in reversed(options):
@@ -281,6 +327,7 @@ def train_options(fn):
 
 def run_training(role, run_dir, config_path, overrides, backend, amp, steps, name, resume, overwrite, device,
                  allow_world_size_change=False, no_distill=False):
+    from m2skd.distributed import rank
     from m2skd.train_config import load_config, parse_overrides
     from m2skd.trainer import train
 
@@ -291,7 +338,7 @@ def run_training(role, run_dir, config_path, overrides, backend, amp, steps, nam
     cfg = load_config(config_path or "semantickitti", values)
     if no_distill:
         cfg = cfg.no_distill()
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports (train() calls back on it alone)
+    main_rank = rank() == 0  # under torchrun only rank 0 reports (train() calls back on it alone)
     bar = Progress(f"train-{name or ('baseline' if no_distill else role)}", unit="step") if main_rank else None
     shown = ("loss", "ce", "lovasz", "kd", "feat", "affinity", "val_miou")
 
@@ -339,18 +386,19 @@ def train_student(no_distill, **kwargs):
                                                    "dec4_preact"]), default="dec4_preact", show_default=True,
               help="Decoder features cached for the feature/affinity terms (must match the student's feature_layer; "
                    "*_preact: before the stage's last ReLU).")
-@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
-@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
+@backend_option()
+@device_option(help="cpu, cuda, cuda:1 (default: cuda if available).")
+@jobs_option()
 @click.option("--threads-per-job", default=None, type=click.IntRange(min=1), help="torch threads per job (default: cores / jobs).")
-@click.option("--dask-scheduler", default=None)
+@dask_scheduler_option()
 @click.option("--overwrite", is_flag=True)
-@click.option("--verify", is_flag=True, help="Hash every chunk of the existing output (else only where a size or stamp differs).")
+@verify_option()
 @friendly_errors
 def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, feature_layer, backend, device, jobs, threads_per_job,
                   dask_scheduler, overwrite, verify):
     """Run the teacher once over the fused shards; store its targets at the single-scan points."""
     from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
+    from m2skd.rundir import RunDir
 
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
     cfg = CacheConfig(logit_encoding, feature_encoding, feature_layer, csv_list(splits), backend, device, threads)
@@ -359,7 +407,7 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
     summary = run_cache(run_dir, teacher, cfg, jobs=jobs, overwrite=overwrite, progress=bar, dask_scheduler=dask_scheduler,
                         verify=verify)
     bar.close()
-    echo_summary(f"cached teacher targets in {run_dir}/teacher_cache", summary)
+    echo_summary(f"cached teacher targets in {RunDir(run_dir).teacher_cache}", summary)
 
 
 @main.command("eval")
@@ -367,10 +415,10 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
 @click.option("--split", default="val", show_default=True)
 @click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False), help="Dataset root (default: the one the run was prepared from).")
 @click.option("--sequences", default=None, callback=sequence_names)
-@click.option("--out", "out_dir", default=None, type=OUT_DIR, help="Where metrics and plots go (default RUN_DIR/eval).")
+@out_option(None, help="Where metrics and plots go (default RUN_DIR/eval).")
 @click.option("--save-labels", default=None, type=click.Path(file_okay=False), help="Write raw-id .label predictions here.")
-@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", type=DEVICE, default=None)
+@backend_option()
+@device_option()
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--max-scans", default=None, type=click.IntRange(min=1), help="Evaluate an evenly spaced subset.")
 @click.option("--teacher", default=None, type=click.Path(exists=True), metavar="RUN_DIR|MODEL.PT",
@@ -398,13 +446,13 @@ def eval_cmd(checkpoints, split, data_root, sequences, out_dir, save_labels, bac
 
 
 @main.command()
-@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=OUT_DIR, help="Everything lands here: data/ and run/.")
-@click.option("--size", type=click.Choice(["default", "study", "tiny"]), default="default", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
+@out_option("runs/demo", help="Everything lands here: data/ and run/.")
+@size_option()
+@seed_option()
+@backend_option("torch")
 @click.option("--student-seeds", default=None, metavar="S1,S2,...",
               help="Train a distilled/baseline pair per seed (default: --seed); re-running adds seeds to a finished demo.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a training config key.")
+@set_option(help="Override a training config key.")
 @friendly_errors
 def demo(out_dir, size, seed, backend, student_seeds, overrides):
     """The whole method on a small synthetic dataset, ending in a comparison table."""
@@ -445,7 +493,7 @@ def demo(out_dir, size, seed, backend, student_seeds, overrides):
 
 
 @main.command()
-@click.option("--out", "out_dir", default="bench", show_default=True, type=OUT_DIR, help="Work files and bench-<machine>.json go here.")
+@out_option("bench", help="Work files and bench-<machine>.json go here.")
 @click.option("--frames", default=48, show_default=True, type=click.IntRange(min=2), help="Scans per synthetic sequence (train 00, val 08).")
 @click.option("--depth", type=click.Choice(["18", "34"]), default="34", show_default=True)
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1))
@@ -466,7 +514,7 @@ def bench(out_dir, frames, depth, repeats, gpu, quick):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_dir", default=None, type=OUT_DIR, help="Where the PNGs go (default RUN_DIR/show).")
+@out_option(None, help="Where the PNGs go (default RUN_DIR/show).")
 @click.option("--views", default="bev,fusion,cache", show_default=True,
               help="bev: one val scan, ground truth beside each checkpoint; fusion: one hard-class instance before/after "
                    "fusion; cache: teacher-cache targets beside the students on one train scan.")
@@ -476,8 +524,8 @@ def bench(out_dir, frames, depth, repeats, gpu, quick):
 @click.option("--scan", default=None, metavar="SEQ/FRAME", callback=scan_id,
               help="Scan for bev and fusion (default: the one with most hard-class instances).")
 @click.option("--cache-scan", default=None, metavar="SEQ/FRAME", callback=scan_id, help="Scan for the cache view (a cached train scan).")
-@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True, type=DEVICE)
+@backend_option()
+@device_option("cpu")
 @friendly_errors
 def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device):
     """PNG pictures of a run: predictions from above, fusion of one instance, teacher targets."""
@@ -489,11 +537,10 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
 
 
 @main.command()
-@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=OUT_DIR,
-              help="A demo directory: its data, teacher and cache are reused (made first if missing).")
+@out_option("runs/demo", help="A demo directory: its data, teacher and cache are reused (made first if missing).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, metavar="S1,S2,...", help="Student seeds, one distilled/baseline pair each.")
-@click.option("--size", type=click.Choice(["default", "study", "tiny"]), default="default", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed of the data and the teachers (the demo's --seed).")
+@size_option()
+@seed_option(help="Seed of the data and the teachers (the demo's --seed).")
 @click.option("--kd-forms", default="kl", show_default=True, metavar="kl[,release]",
               help="Logit forms to compare, each paired with the same baselines.")
 @click.option("--arm", "arm_specs", multiple=True, metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
@@ -503,8 +550,8 @@ def show(run_dir, out_dir, views, checkpoints, scan, cache_scan, backend, device
               help="Teachers by their input's fusion (prepare --fusion): hard (the method), none (single scans: plain "
                    "self-distillation), all (whole scans); each with its own data and cache, all paired with the same "
                    "baselines and seeds.")
-@click.option("--backend", type=click.Choice(["auto", "minkowski", "torch"]), default="torch", show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a training config key.")
+@backend_option("torch")
+@set_option(help="Override a training config key.")
 @friendly_errors
 def study(out_dir, seeds, size, seed, kd_forms, arm_specs, teachers, backend, overrides):
     """Distillation effect over paired seeds, per teacher (none, hard, all): mean, 95% t-interval and

@@ -14,3 +14,12 @@ def fingerprint_bytes(*chunks: bytes) -> str:
 
 def fingerprint_json(obj) -> str:
     return fingerprint_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def file_fingerprint(path) -> str:
+    """Hash of a file's bytes, read in blocks (checkpoints can be hundreds of MB)."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -8,15 +8,17 @@ detached: the teacher is frozen (or cached) and these losses never train it.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from .train_config import TrainConfig
+
 __all__ = [
     "AFFINITY_FORMS",
-    "DEFAULT_DISTILL_CONFIG",
     "FeatureAdapter",
     "affinity_distillation",
     "KD_FORMS",
@@ -62,16 +64,6 @@ KD_FORMS = ("kl", "release")
 AFFINITY_FORMS = ("instance", "class")
 KD_FORM_WEIGHTS: dict = {"kl": 0.1, "release": 5.0}
 RELEASE_DROP_BELOW = 0.01
-DEFAULT_DISTILL_CONFIG: dict = {
-    "kd_form": "kl",
-    "kd_weight": None,  # None: KD_FORM_WEIGHTS[kd_form]
-    "temperature": 1.0 / 0.3,
-    "feat_weight": 0.0,
-    "affinity_weight": 1.0,
-    "max_points_per_instance": 64,
-    "affinity_form": "instance",
-    "kd_hard_weight": 1.0,  # the plain mean; the shipped configs weight hard points 5 (tuning drive)
-}
 
 
 def kd_weight_for(kd_form: str, kd_weight: float | None = None) -> float:
@@ -402,61 +394,61 @@ def distillation_loss(
     teacher_logits: torch.Tensor,
     student_feats: torch.Tensor | None = None,
     teacher_feats: torch.Tensor | None = None,
+    *,
+    config: TrainConfig,
     hard_mask: torch.Tensor | None = None,
     instance_ids: torch.Tensor | None = None,
-    config: Mapping | None = None,
     class_ids: torch.Tensor | None = None,
-    logit_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     adapter: nn.Module | None = None,
     hard_points: torch.Tensor | None = None,
     feat_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the distillation terms; config keys as in DEFAULT_DISTILL_CONFIG.
+    """Weighted sum of the distillation terms, with the weights and settings of `config`
+    (kd_form, kd_weight, temperature, kd_hard_weight, feat_weight, affinity_weight,
+    affinity_form, affinity_max_points).
 
     The one place the terms are combined (the trainer calls it). Logits cover every point;
     `student_feats`/`teacher_feats`/`instance_ids`/`hard_mask`/`class_ids` cover the
     (hard-class) points that have teacher features, which may be fewer: `feat_index` gives
     their rows in the logits (needed by affinity_form="class", which compares logits there).
     The logit term's mean weights `hard_points` (N,) by kd_hard_weight (see the note on
-    KD_FORMS); `logit_mask` (N,) restricts it further. The feature term compares
+    KD_FORMS). The feature term compares
     `adapter(student_feats)` (identity without an adapter) to the teacher on `hard_mask`
     (None: every given point); the affinity term uses the student's own features, as cosine
     similarities need no common width. A term whose weight is 0, or whose inputs are missing,
     is skipped (reported as 0). Returns (total, {"kd", "feat", "affinity"}) with the unweighted
     parts detached for logging.
     """
-    cfg = {**DEFAULT_DISTILL_CONFIG, **(config or {})}
-    if cfg["affinity_form"] not in AFFINITY_FORMS:
-        raise ValueError(f"unknown affinity_form {cfg['affinity_form']!r} (use one of {AFFINITY_FORMS})")
-    kd_weight = kd_weight_for(cfg["kd_form"], cfg["kd_weight"])
+    if config.affinity_form not in AFFINITY_FORMS:
+        raise ValueError(f"unknown affinity_form {config.affinity_form!r} (use one of {AFFINITY_FORMS})")
+    kd_weight = kd_weight_for(config.kd_form, config.kd_weight)
     zero = _zero(student_logits)
     parts = {"kd": zero, "feat": zero, "affinity": zero}
     total = zero
     if kd_weight:
-        mask = logit_mask
-        if hard_points is not None and float(cfg["kd_hard_weight"]) != 1.0:
-            weights = kd_point_weights(hard_points, cfg["kd_hard_weight"]).to(student_logits.device)
-            mask = weights if mask is None else weights * mask.to(weights.device, weights.dtype)
-        parts["kd"] = logit_distillation(student_logits, teacher_logits, temperature=cfg["temperature"],
-                                         mask=mask, form=cfg["kd_form"])
+        mask = None
+        if hard_points is not None and float(config.kd_hard_weight) != 1.0:
+            mask = kd_point_weights(hard_points, config.kd_hard_weight).to(student_logits.device)
+        parts["kd"] = logit_distillation(student_logits, teacher_logits, temperature=config.temperature,
+                                         mask=mask, form=config.kd_form)
         total = total + kd_weight * parts["kd"]
     have_feats = student_feats is not None and teacher_feats is not None
-    if cfg["feat_weight"] and have_feats:
+    if config.feat_weight and have_feats:
         adapted = adapter(student_feats) if adapter is not None else student_feats
         parts["feat"] = feature_distillation(adapted, teacher_feats, hard_mask)
-        total = total + cfg["feat_weight"] * parts["feat"]
-    if cfg["affinity_weight"] and instance_ids is not None:
-        if cfg["affinity_form"] == "class":
+        total = total + config.feat_weight * parts["feat"]
+    if config.affinity_weight and instance_ids is not None:
+        if config.affinity_form == "class":
             if feat_index is None or class_ids is None:
                 raise ValueError("affinity_form='class' needs feat_index and class_ids")
             parts["affinity"] = affinity_distillation(
                 student_logits[feat_index], teacher_logits[feat_index], instance_ids,
-                max_points_per_instance=cfg["max_points_per_instance"], generator=generator,
+                max_points_per_instance=config.affinity_max_points, generator=generator,
                 mode="class", class_ids=class_ids)
         elif have_feats:
             parts["affinity"] = affinity_distillation(
                 student_feats, teacher_feats, instance_ids,
-                max_points_per_instance=cfg["max_points_per_instance"], generator=generator)
-        total = total + cfg["affinity_weight"] * parts["affinity"]
+                max_points_per_instance=config.affinity_max_points, generator=generator)
+        total = total + config.affinity_weight * parts["affinity"]
     return total, {k: v.detach() for k, v in parts.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from .errors import M2SKDError
-from .losses import AFFINITY_FORMS, DEFAULT_DISTILL_CONFIG, KD_FORMS, kd_weight_for
+from .losses import AFFINITY_FORMS, KD_FORMS, kd_weight_for
 from .models import FEATURE_NAMES
 from .resources import resource_dir
 
@@ -54,16 +54,17 @@ class TrainConfig:
     # teacher: the loss also covers the fused points (the paper); false keeps them as unlabelled
     # context, so the loss sees the single-scan points the cache reads, in the student's class mix
     fused_point_labels: bool = True
-    # distillation: defaults and their reasons in losses.DEFAULT_DISTILL_CONFIG
-    kd_form: str = DEFAULT_DISTILL_CONFIG["kd_form"]  # kl | release (losses.KD_FORMS)
-    kd_weight: float | None = DEFAULT_DISTILL_CONFIG["kd_weight"]  # None: the form's own default
-    temperature: float = DEFAULT_DISTILL_CONFIG["temperature"]
-    feat_weight: float = DEFAULT_DISTILL_CONFIG["feat_weight"]
-    affinity_weight: float = DEFAULT_DISTILL_CONFIG["affinity_weight"]
-    affinity_max_points: int = DEFAULT_DISTILL_CONFIG["max_points_per_instance"]
-    kd_hard_weight: float = DEFAULT_DISTILL_CONFIG["kd_hard_weight"]  # weight of hard-class points in the logit term's mean
+    # distillation (the terms and their forms: losses.py)
+    kd_form: str = "kl"  # kl | release (losses.KD_FORMS)
+    kd_weight: float | None = None  # None: the form's own default (losses.KD_FORM_WEIGHTS)
+    temperature: float = 1.0 / 0.3
+    # the release's feature term is present but weighted 0; its affinity term has weight 1
+    feat_weight: float = 0.0
+    affinity_weight: float = 1.0
+    affinity_max_points: int = 64  # points per instance the affinity term keeps: its cost stays linear in scan size
+    kd_hard_weight: float = 1.0  # weight of hard-class points in the logit term's mean; 1: the plain mean
     # instance: per hard instance on feature_layer's features; class: the release's, per class on the logits
-    affinity_form: str = DEFAULT_DISTILL_CONFIG["affinity_form"]
+    affinity_form: str = "instance"
     # the decoder features the feature and affinity terms compare; *_preact: before the stage's last
     # ReLU, where the features have sign (post-ReLU similarities within an instance are all near 1)
     feature_layer: str = "dec4_preact"

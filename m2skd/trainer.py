@@ -3,154 +3,31 @@ optionally distilled from the teacher cache). Step-based, exactly resumable, DDP
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .atomic import read_json, sweep_temporaries, write_json_atomic
+from .checkpoint import model_from_config, read_checkpoint, restore_training, write_checkpoint
 from .dataset import ResumableBatchSampler, ScanDataset, collate, to_device
-from .dataset_spec import load_spec
-from .errors import DataError, M2SKDError, StaleInputError
-from .fingerprint import fingerprint_bytes, fingerprint_json
+from .distributed import DistributedContext, world_size
+from .errors import DataError, StaleInputError
+from .fingerprint import file_fingerprint, fingerprint_json
 from .inference import autocast, evaluate
-from .manifest import read_manifest
 from .losses import FeatureAdapter, distillation_loss, segmentation_loss
+from .manifest import read_manifest
 from .metrics import summarize
-from .models import build_model, resolve_backend
-from .atomic import atomic_path, read_json, sweep_temporaries, write_json_atomic
-from .rundir import RunDir
+from .models import resolve_backend
+from .rundir import RunDir, spec_for_run
 from .teacher_cache import CACHE_FORMAT
 from .train_config import ConfigError, TrainConfig
 from .transforms import AugmentConfig
 
 ROLES = ("teacher", "student")
-
-
-def spec_for_run(run: RunDir):
-    record_path = run.prepare / "config.json"
-    if not record_path.is_file():
-        raise StaleInputError(f"{record_path}: no prepared data in {run.root}; run `m2skd prepare DATA {run.root}` first")
-    record = read_json(record_path)
-    return load_spec(record["config"]["dataset"]).with_hard_classes(record["config"]["hard_classes"])
-
-
-def model_from_config(cfg: TrainConfig, num_classes: int, backend: str | None = None):
-    return build_model(in_channels=4, num_classes=num_classes, depth=cfg.depth, widths=tuple(cfg.widths),
-                       stem_width=cfg.stem_width, backend=backend or cfg.backend)
-
-
-def save_atomic(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def file_fingerprint(path) -> str:
-    """Hash of a file's bytes, read in blocks (checkpoints can be hundreds of MB)."""
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_checkpoint(path) -> dict:
-    """A checkpoint dict, or one line naming the file when it is not an m2skd checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle, zip and torch errors of every kind
-        raise DataError(path, f"not a readable checkpoint ({type(exc).__name__}); re-run the stage that wrote it") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "num_classes"} <= set(ckpt):
-        raise DataError(path, "not an m2skd checkpoint (no model/config/num_classes)")
-    return ckpt
-
-
-def check_num_classes(path, ckpt: dict, spec) -> None:
-    if ckpt["num_classes"] != spec.num_classes:
-        raise DataError(path, f"the model predicts {ckpt['num_classes']} classes but dataset {spec.name!r} has "
-                              f"{spec.num_classes}; use a checkpoint trained on this dataset")
-
-
-def load_checkpoint(path, backend: str = "auto", device="cpu", spec=None):
-    """(model, checkpoint dict): the model is rebuilt from the recorded config under `backend`.
-    With `spec`, a checkpoint for another class count is refused."""
-    ckpt = read_checkpoint(path)
-    if spec is not None:
-        check_num_classes(path, ckpt, spec)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
-    model = model_from_config(cfg, ckpt["num_classes"], resolve_backend(backend, device))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise DataError(path, f"weights do not fit the recorded model ({str(exc).splitlines()[0]})") from None
-    return model.to(device), ckpt
-
-
-class DistributedContext:
-    """Rank/world from torchrun's environment; a no-op in a single process.
-
-    Under torchrun each rank uses its own GPU (LOCAL_RANK), also when `--device cuda` is given."""
-
-    def __init__(self, device: str | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = resolve_device(device, self.local_rank if self.world > 1 else None)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, module):
-        if self.world == 1:
-            return module
-        if self.device.type == "cuda":
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(value)
-        return value
-
-    def broadcast_buffers(self, module) -> None:
-        """Rank 0's norm statistics everywhere (each rank updates its own on its own batch), so
-        every rank validates the model rank 0 saves."""
-        if self.world > 1:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, 0)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def resolve_device(device: str | None, local_rank: int | None = None) -> torch.device:
-    """cuda when available unless told otherwise; under torchrun 'cuda' means this rank's GPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise M2SKDError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        if local_rank is not None and dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
 
 
 class StudentNet(torch.nn.Module):
@@ -166,8 +43,8 @@ class StudentNet(torch.nn.Module):
         return self.model(coords, feats, features=features)
 
 
-def train_record(run: RunDir, role: str, name: str, cfg: TrainConfig, manifest_fingerprint: str, cache_record: dict | None,
-                 world: int) -> dict:
+def training_record(role: str, name: str, cfg: TrainConfig, manifest_fingerprint: str, cache_record: dict | None,
+                    world: int) -> dict:
     """What a checkpoint was trained from. Its `fingerprint` chains prepare's (the manifest),
     the training mathematics and, for a distilled student, the teacher cache's."""
     record = {
@@ -186,7 +63,7 @@ def current_model(run_dir, name: str, role: str, cfg: TrainConfig) -> str | None
     """RUN/name/model.pt if it is what training `role` with `cfg` on the run's current shards
     (and, for a distilled student, its current cache) would give; None if absent or stale."""
     run = RunDir(run_dir)
-    path = run.model_dir(name) / "model.pt"
+    path = run.model(name)
     if not path.is_file() or not run.manifest.is_file():
         return None
     try:
@@ -195,10 +72,8 @@ def current_model(run_dir, name: str, role: str, cfg: TrainConfig) -> str | None
         return None
     cache_record = None
     if role == "student" and cfg.distill_enabled():
-        cache_json = run.teacher_cache / "cache.json"
-        cache_record = read_json(cache_json) if cache_json.is_file() else {}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    expected = train_record(run, role, name, cfg, read_manifest(run.manifest)[1]["content_fingerprint"], cache_record, world)
+        cache_record = read_json(run.cache_record) if run.cache_record.is_file() else {}
+    expected = training_record(role, name, cfg, read_manifest(run.manifest)[1]["content_fingerprint"], cache_record, world_size())
     same_length = ckpt["config"].get("steps") == cfg.steps and ckpt["config"].get("epochs") == cfg.epochs
     return str(path) if same_length and ckpt.get("record", {}).get("fingerprint") == expected["fingerprint"] else None
 
@@ -206,7 +81,7 @@ def current_model(run_dir, name: str, role: str, cfg: TrainConfig) -> str | None
 def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str) -> dict:
     """The teacher cache's record, refused if made from other shards, by another teacher than
     the one now in its place, or for another feature layer than the student distils."""
-    record_path = run.teacher_cache / "cache.json"
+    record_path = run.cache_record
     if not record_path.is_file():
         raise StaleInputError(f"{record_path}: no teacher cache; run `m2skd cache-teacher {run.root}` first")
     record = read_json(record_path)
@@ -230,11 +105,59 @@ def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str
     return record
 
 
+def training_backend(cfg: TrainConfig, device: torch.device) -> str:
+    backend = resolve_backend(cfg.backend, device)
+    if cfg.amp != "none" and backend != "torch":
+        raise ConfigError("MinkowskiEngine has no fp16/bf16 kernels: use --backend torch for mixed precision")
+    return backend
+
+
+def training_set(run: RunDir, spec, cfg: TrainConfig, role: str, distill: bool) -> ScanDataset:
+    """The teacher learns from the fused input, the student from single scans (with the
+    teacher's cached targets when distilled)."""
+    augment = AugmentConfig(cfg.rotate, cfg.flip, tuple(cfg.scale), cfg.jitter_std)
+    input_kind = "fused" if role == "teacher" else "single"
+    return ScanDataset(run.root, spec, cfg.train_splits, input_kind, cfg.voxel_size, augment, cfg.seed, with_cache=distill,
+                       label_fused=cfg.fused_point_labels, skip_empty=True)
+
+
+def validation_loader(run: RunDir, spec, cfg: TrainConfig, ctx: DistributedContext) -> DataLoader | None:
+    """Single scans for both roles, so a teacher's mIoU compares with a student's; each rank
+    validates its own share and the confusion matrices are summed. None without validation or
+    without labelled validation scans."""
+    if cfg.val_every <= 0:
+        return None
+    try:
+        val_set = ScanDataset(run.root, spec, cfg.val_splits, "single", cfg.voxel_size, None, cfg.seed,
+                              max_scans=cfg.val_max_scans, skip_empty=True)
+    except StaleInputError:
+        return None
+    if not val_set.rows["has_labels"].all():
+        return None
+    shard = list(range(ctx.rank, len(val_set), ctx.world))
+    return DataLoader(torch.utils.data.Subset(val_set, shard), batch_size=cfg.batch_size, collate_fn=collate,
+                      num_workers=min(cfg.workers, 2))
+
+
+def train_loader(train_set: ScanDataset, cfg: TrainConfig, total_steps: int, start_step: int,
+                 ctx: DistributedContext) -> DataLoader:
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, total_steps, cfg.seed, start_step, ctx.rank, ctx.world)
+    return DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
+                      persistent_workers=False, pin_memory=ctx.device.type == "cuda")
+
+
 def scheduled_steps(cfg: TrainConfig, train_scans: int, world: int) -> int:
     """steps, or with `epochs` set: enough global batches to see every train scan that often."""
     if cfg.epochs is None:
         return cfg.steps
     return max(1, math.ceil(cfg.epochs * train_scans / (cfg.batch_size * world)))
+
+
+def feature_adapter(cfg: TrainConfig, model, cache_record: dict | None, device) -> FeatureAdapter | None:
+    """Only when the feature term uses it: DistributedDataParallel needs every parameter to get a gradient."""
+    if cache_record is None or not cfg.feat_weight > 0:
+        return None
+    return FeatureAdapter(model.feature_channels[cfg.feature_layer], cache_record["feature_channels"]).to(device)
 
 
 def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float):
@@ -250,7 +173,7 @@ def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float):
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
 
 
-def class_weight_tensor(cfg: TrainConfig, train_set, num_classes: int):
+def class_weight_tensor(cfg: TrainConfig, train_set, num_classes: int, device):
     if cfg.class_weights is None:
         return None
     if isinstance(cfg.class_weights, str):  # inverse_sqrt_frequency, from prepare's class histograms
@@ -263,7 +186,7 @@ def class_weight_tensor(cfg: TrainConfig, train_set, num_classes: int):
         weights = np.asarray(cfg.class_weights, np.float64)
         if weights.shape != (num_classes,):
             raise ConfigError(f"class_weights has {weights.size} values; the dataset has {num_classes} classes")
-    return torch.tensor(weights, dtype=torch.float32)
+    return torch.tensor(weights, dtype=torch.float32).to(device)
 
 
 def parameter_groups(module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
@@ -274,6 +197,44 @@ def parameter_groups(module, weight_decay: float, no_decay_norm_bias: bool) -> l
     decay = [p for p in params if p.ndim > 1]
     plain = [p for p in params if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def clear_earlier_run(run: RunDir, name: str, overwrite: bool, main: bool) -> None:
+    """Refuse to train over an earlier run's checkpoints, or with `overwrite` remove them."""
+    earlier = (run.last_checkpoint(name), run.model(name))
+    if not overwrite and any(path.exists() for path in earlier):
+        raise StaleInputError(f"{run.model_dir(name)}: already has checkpoints; pass --resume to continue or --overwrite "
+                              "to start again")
+    if overwrite and main:
+        for path in earlier:
+            path.unlink(missing_ok=True)
+
+
+def resume_from(last, record: dict, total_steps: int, allow_world_size_change: bool, model, adapter, optimizer, scheduler,
+                scaler) -> tuple[int, list]:
+    """(step, history) of the interrupted run in `last`, its state loaded; a longer run stretches
+    the schedule to the new length."""
+    ckpt = read_checkpoint(last)
+    check_resumable(last, ckpt.get("record", {}), record, allow_world_size_change)
+    step, history = restore_training(ckpt, model, adapter, optimizer, scheduler, scaler)
+    scheduler.total_steps = total_steps
+    if step > total_steps:
+        raise StaleInputError(f"{last}: already at step {step}, beyond the {total_steps} steps asked for")
+    return step, history
+
+
+def tensorboard_writer(run: RunDir, name: str, start_step: int):
+    from torch.utils.tensorboard import SummaryWriter  # slow to import: only the main rank needs it
+
+    return SummaryWriter(str(run.tensorboard(name)), purge_step=start_step)
+
+
+def validate(model, loader: DataLoader, spec, cfg: TrainConfig, ctx: DistributedContext) -> dict:
+    """Metrics over every rank's share of the validation scans, under rank 0's norm statistics."""
+    ctx.broadcast_buffers(model)
+    conf = evaluate(model, loader, spec.num_classes, ctx.device, cfg.amp)
+    matrix = ctx.sum(torch.as_tensor(conf.matrix, dtype=torch.int64, device=ctx.device)).cpu().numpy()
+    return summarize(matrix, spec.class_names, spec.hard_classes)
 
 
 def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume: bool = False, overwrite: bool = False,
@@ -288,111 +249,43 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
     cfg.validate()
-    run = RunDir(run_dir)
-    name = name or role
-    out_dir = run.model_dir(name)
+    run, name = RunDir(run_dir), name or role
     ctx = DistributedContext(device)
-    backend = resolve_backend(cfg.backend, ctx.device)
-    if cfg.amp != "none" and backend != "torch":
-        raise ConfigError("MinkowskiEngine has no fp16/bf16 kernels: use --backend torch for mixed precision")
+    backend = training_backend(cfg, ctx.device)
     spec = spec_for_run(run)
     distill = role == "student" and cfg.distill_enabled()
-
-    augment = AugmentConfig(cfg.rotate, cfg.flip, tuple(cfg.scale), cfg.jitter_std)
-    input_kind = "fused" if role == "teacher" else "single"
-    train_set = ScanDataset(run_dir, spec, cfg.train_splits, input_kind, cfg.voxel_size, augment, cfg.seed, with_cache=distill,
-                            label_fused=cfg.fused_point_labels, skip_empty=True)
+    train_set = training_set(run, spec, cfg, role, distill)
     cache_record = check_cache_current(run, cfg, train_set.manifest_fingerprint) if distill else None
-    # validation on single scans for both roles, so a teacher's mIoU compares with a student's
-    val_set = None
-    if cfg.val_every > 0:
-        try:
-            val_set = ScanDataset(run_dir, spec, cfg.val_splits, "single", cfg.voxel_size, None, cfg.seed,
-                                  max_scans=cfg.val_max_scans, skip_empty=True)
-            if not val_set.rows["has_labels"].all():
-                val_set = None
-        except StaleInputError:
-            val_set = None
+    val_loader = validation_loader(run, spec, cfg, ctx)
     total_steps = scheduled_steps(cfg, len(train_set), ctx.world)
 
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg, spec.num_classes, backend).to(ctx.device)
-    adapter = None  # only when the feature term uses it: DDP needs every parameter to get a gradient
-    if distill and cfg.feat_weight > 0:
-        adapter = FeatureAdapter(model.feature_channels[cfg.feature_layer], cache_record["feature_channels"]).to(ctx.device)
+    adapter = feature_adapter(cfg, model, cache_record, ctx.device)
     student = StudentNet(model, adapter)
     optimizer = torch.optim.AdamW(parameter_groups(student, cfg.weight_decay, cfg.no_decay_norm_bias), lr=cfg.lr)
     scheduler = one_cycle(optimizer, cfg.lr, total_steps, cfg.pct_start)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
-    class_weights = class_weight_tensor(cfg, train_set, spec.num_classes)
-    if class_weights is not None:
-        class_weights = class_weights.to(ctx.device)
+    class_weights = class_weight_tensor(cfg, train_set, spec.num_classes, ctx.device)
 
-    record = train_record(run, role, name, cfg, train_set.manifest_fingerprint, cache_record, ctx.world)
-    record["backend"] = backend
-    last = out_dir / "checkpoints" / "last.pt"
+    record = {**training_record(role, name, cfg, train_set.manifest_fingerprint, cache_record, ctx.world), "backend": backend}
+    last = run.last_checkpoint(name)
     if ctx.main:
-        sweep_temporaries(out_dir)
-    start_step = 0
-    history: list[dict] = []
-    if last.exists() and resume:
-        ckpt = read_checkpoint(last)
-        check_resumable(last, ckpt.get("record", {}), record, allow_world_size_change)
-        model.load_state_dict(ckpt["model"])
-        if adapter is not None:
-            adapter.load_state_dict(ckpt["adapter"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.total_steps = total_steps  # a longer run: the schedule is stretched to the new length
-        scaler.load_state_dict(ckpt["scaler"])
-        start_step, history = ckpt["step"], ckpt["history"]
-        if start_step > total_steps:
-            raise StaleInputError(f"{last}: already at step {start_step}, beyond the {total_steps} steps asked for")
-    elif (last.exists() or (out_dir / "model.pt").exists()) and not overwrite:
-        raise StaleInputError(f"{out_dir}: already has checkpoints; pass --resume to continue or --overwrite to start again")
-    elif overwrite and ctx.main:
-        for old in (last, out_dir / "model.pt"):
-            old.unlink(missing_ok=True)
-
+        sweep_temporaries(run.model_dir(name))
+    start_step, history = 0, []
+    if resume and last.exists():
+        start_step, history = resume_from(last, record, total_steps, allow_world_size_change, model, adapter, optimizer,
+                                          scheduler, scaler)
+    else:
+        clear_earlier_run(run, name, overwrite, ctx.main)
     if ctx.main:
-        write_json_atomic(out_dir / "train.json", record)
+        write_json_atomic(run.train_record(name), record)
     net = ctx.wrap(student)
-    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, total_steps, cfg.seed, start_step, ctx.rank, ctx.world)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
-                        persistent_workers=False, pin_memory=ctx.device.type == "cuda")
-    val_loader = None
-    if val_set is not None:  # each rank validates its own share; the confusion matrices are summed
-        shard = list(range(ctx.rank, len(val_set), ctx.world))
-        val_loader = DataLoader(torch.utils.data.Subset(val_set, shard), batch_size=cfg.batch_size, collate_fn=collate,
-                                num_workers=min(cfg.workers, 2))
-    writer = None
-    if ctx.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
-
-    def checkpoint(step: int):
-        if ctx.main:
-            save_atomic({
-                "model": model.state_dict(), "adapter": adapter.state_dict() if adapter else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "history": history, "record": record, "config": cfg.to_dict(), "num_classes": spec.num_classes,
-            }, last)
-
-    def validate(step: int):
-        ctx.broadcast_buffers(model)
-        conf = evaluate(model, val_loader, spec.num_classes, ctx.device, cfg.amp)
-        matrix = ctx.sum(torch.as_tensor(conf.matrix, dtype=torch.int64, device=ctx.device)).cpu().numpy()
-        summary = summarize(matrix, spec.class_names, spec.hard_classes)
-        history.append({"step": step, "miou": summary["miou"], "hard_miou": summary["hard_miou"]})
-        if writer:
-            writer.add_scalar("val/miou", summary["miou"], step)
-            writer.add_scalar("val/hard_miou", summary["hard_miou"], step)
-        net.train()
-        return summary
-
+    loader = train_loader(train_set, cfg, total_steps, start_step, ctx)
+    writer = tensorboard_writer(run, name, start_step) if ctx.main else None
     features = (cfg.feature_layer,) if distill and cfg.uses_teacher_features() else ()
     hard_lut = torch.as_tensor(spec.hard_mask, dtype=torch.bool, device=ctx.device)
+
     net.train()
     t_start = time.perf_counter()
     step = start_step
@@ -406,26 +299,30 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
             for key, value in logs.items():
                 writer.add_scalar(f"train/{key}", value, step)
         if val_loader is not None and (step % cfg.val_every == 0 or step == total_steps):
-            logs["val_miou"] = validate(step)["miou"]
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            checkpoint(step)
+            summary = validate(model, val_loader, spec, cfg, ctx)
+            net.train()
+            history.append({"step": step, "miou": summary["miou"], "hard_miou": summary["hard_miou"]})
+            if writer:
+                writer.add_scalar("val/miou", summary["miou"], step)
+                writer.add_scalar("val/hard_miou", summary["hard_miou"], step)
+            logs["val_miou"] = summary["miou"]
+        if ctx.main and (step % cfg.checkpoint_every == 0 or step == total_steps):
+            write_checkpoint(last, model, cfg.to_dict(), spec.num_classes, record, history, step, adapter,
+                             optimizer, scheduler, scaler)
         if callback and ctx.main:
             callback(step, total_steps, logs)
         if stop_after is not None and step - start_step >= stop_after:
             break
     if writer:
         writer.close()
-    seconds = time.perf_counter() - t_start
-    result = {**record, "device": str(ctx.device), "steps_done": step, "total_steps": total_steps, "seconds": seconds,
-              "history": history, "checkpoint": None}
+
+    result = {**record, "device": str(ctx.device), "steps_done": step, "total_steps": total_steps,
+              "seconds": time.perf_counter() - t_start, "history": history, "checkpoint": None}
     if step == total_steps and ctx.main:
-        final = out_dir / "model.pt"
-        save_atomic({"model": model.state_dict(), "adapter": adapter.state_dict() if adapter else None,
-                     "config": cfg.to_dict(), "num_classes": spec.num_classes,
-                     "record": record, "history": history, "step": step}, final)
-        result["checkpoint"] = str(final)
-        result["checkpoint_fingerprint"] = file_fingerprint(final)
-        write_json_atomic(out_dir / "train.json", result)
+        final = run.model(name)
+        write_checkpoint(final, model, cfg.to_dict(), spec.num_classes, record, history, step, adapter)
+        result.update(checkpoint=str(final), checkpoint_fingerprint=file_fingerprint(final))
+        write_json_atomic(run.train_record(name), result)
     if on_finish is not None:
         on_finish(student)
     ctx.barrier()
@@ -480,12 +377,8 @@ def distill_terms(cfg: TrainConfig, out, batch: dict, adapter, logs: dict, seed:
     instance = batch["instance"][idx]
     class_ids = batch["label"][idx] + (instance >> 24) * 64  # per scan, for affinity_form=class
     hard_points = hard_lut[batch["label"]] if hard_lut is not None else batch["instance"] > 0
-    config = {"kd_form": cfg.kd_form, "kd_weight": cfg.kd_weight, "temperature": cfg.temperature,
-              "feat_weight": cfg.feat_weight, "affinity_weight": cfg.affinity_weight,
-              "max_points_per_instance": cfg.affinity_max_points, "affinity_form": cfg.affinity_form,
-              "kd_hard_weight": cfg.kd_hard_weight}
     total, parts = distillation_loss(out.logits.float(), batch["teacher_logits"], student_feats, batch["teacher_feats"],
-                                     instance_ids=instance, config=config, class_ids=class_ids, generator=generator,
+                                     config=cfg, instance_ids=instance, class_ids=class_ids, generator=generator,
                                      adapter=adapter, hard_points=hard_points, feat_index=idx)
     logs.update(parts)
     return total

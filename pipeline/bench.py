@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from m2skd import semantickitti as sk
+from m2skd.checkpoint import load_checkpoint, write_checkpoint
 from m2skd.dataset import ScanDataset, collate, to_device
 from m2skd.fusion import FusionConfig
 from m2skd.losses import FeatureAdapter
@@ -30,12 +31,12 @@ from m2skd.models import build_model, count_parameters, sparse_torch
 from m2skd.models.me_compat import minkowski_available
 from m2skd.atomic import write_json_atomic
 from m2skd.ragged import write_ragged
-from m2skd.rundir import RunDir
+from m2skd.rundir import RunDir, spec_for_run
 from m2skd.synth import SynthConfig, generate_dataset
 from m2skd.teacher_cache import (DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, FEATURE_ENCODINGS, LOGIT_ENCODINGS,
                                  decode_features, decode_logits, encode_features, encode_logits, kl_per_point)
 from m2skd.train_config import ConfigError, load_config
-from m2skd.trainer import load_checkpoint, save_atomic, spec_for_run, train, training_step
+from m2skd.trainer import train, training_step
 from m2skd.transforms import AugmentConfig
 
 from .cache_teacher import CACHE_COMPRESSION, CacheConfig, run_cache, teacher_outputs
@@ -211,7 +212,7 @@ def recalibrate_batchnorm(run: Path, checkpoint: str, scans: int) -> None:
             model(batch["coords"], batch["feats"])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
-    save_atomic({**ckpt, "model": model.state_dict()}, Path(checkpoint))
+    write_checkpoint(checkpoint, model, ckpt["config"], ckpt["num_classes"], ckpt["record"], ckpt["history"], ckpt["step"])
 
 
 # --- input pipeline and train steps -------------------------------------------------------
@@ -437,7 +438,7 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
     torch.manual_seed(0)
     cfg = dataclasses.replace(load_config("semantickitti"), depth=depth)
     model = build_model(4, 20, depth, cfg.widths, cfg.stem_width, "auto")
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": 20, "record": {"role": "bench"}}, ckpt)
+    write_checkpoint(ckpt, model, cfg.to_dict(), 20, {"role": "bench"}, history=[], step=0)
     ev = run_eval([ckpt], split="val", data_root=data, out_dir=work / "eval", device=str(device), workers=min(2, cores), max_scans=4)
     result["eval"] = {"points_per_s": ev["results"]["eval_model"]["points_per_second"], "backend": model.backend}
 

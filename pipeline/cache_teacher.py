@@ -13,17 +13,18 @@ import numpy as np
 import torch
 
 from m2skd.atomic import sweep_temporaries, write_json_atomic
+from m2skd.checkpoint import check_num_classes, load_checkpoint, read_checkpoint
+from m2skd.distributed import resolve_device
 from m2skd.errors import DataError, StaleInputError
-from m2skd.fingerprint import fingerprint_json
+from m2skd.fingerprint import file_fingerprint, fingerprint_json
 from m2skd.inference import predict
 from m2skd.manifest import read_manifest
 from m2skd.metrics import confusion_matrix, summarize
 from m2skd.models import FEATURE_NAMES
 from m2skd.ragged import RaggedReader, dir_bytes, group_is_current, write_ragged
-from m2skd.rundir import RunDir
+from m2skd.rundir import RunDir, spec_for_run
 from m2skd.teacher_cache import (CACHE_FORMAT, CODES_CLEVEL, DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, decode_features,
                                  decode_logits, encode_features, encode_logits, kl_per_point)
-from m2skd.trainer import check_num_classes, file_fingerprint, load_checkpoint, read_checkpoint, resolve_device, spec_for_run
 from m2skd.transforms import voxel_coords
 
 from .parallel import run_tasks
@@ -147,7 +148,7 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     run = RunDir(run_dir)
-    teacher_path = Path(teacher_path or run.model_dir("teacher") / "model.pt").resolve()
+    teacher_path = Path(teacher_path or run.model("teacher")).resolve()
     manifest, meta = read_manifest(run.manifest)
     ckpt = check_teacher(run, teacher_path, meta)
     prepare_fp = meta["config_fingerprint"]
@@ -191,7 +192,7 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     spec = spec_for_run(run)
     quality = summarize(conf, spec.class_names, spec.hard_classes) if conf is not None else {}
     record["target_quality"] = {k: quality.get(k) for k in ("miou", "hard_miou", "accuracy")}
-    write_json_atomic(run.teacher_cache / "cache.json", record)
+    write_json_atomic(run.cache_record, record)
     return {"shards": len(shards), "shards_written": sum(r["written"] for r in results), "cache_fingerprint": record["cache_fingerprint"], "points": points, "bytes_per_point": record["bytes_per_point"],
             "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding,
             "kl_stored_vs_exact": record["kl_stored_vs_exact"], "kl_max": kl_max, "feature_relative_mse": record["feature_relative_mse"],

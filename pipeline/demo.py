@@ -20,6 +20,7 @@ from m2skd.atomic import write_json_atomic
 from m2skd.synth import SynthConfig, generate_dataset
 from m2skd.train_config import load_config
 from m2skd.errors import StaleInputError
+from m2skd.rundir import RunDir
 from m2skd.trainer import current_model, train
 
 from .cache_teacher import CacheConfig, run_cache
@@ -70,17 +71,13 @@ def student_names(seed: int, demo_seed: int, arm: str = "kl") -> tuple[str, str]
     return f"distilled{tag}{suffix}", f"baseline{suffix}"
 
 
-def final_model(run, name: str) -> Path:
-    return Path(run, name, "model.pt")
-
-
 def train_or_resume(run, role: str, name: str, config, callback=None) -> str:
     """The finished model of RUN/name if it is current (same shards, cache and settings);
     otherwise trains it, resuming an interrupted run of the same settings, else from scratch."""
     done = current_model(run, name, role, config)
     if done:
         return done
-    if Path(run, name, "checkpoints", "last.pt").exists():
+    if RunDir(run).last_checkpoint(name).exists():
         try:
             return train(run, role, config, name=name, resume=True, callback=callback)["checkpoint"]
         except StaleInputError:
@@ -139,7 +136,7 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
                        voxel_size=voxel_size)
 
     announce("train teacher" if fusion == "hard" else f"train teacher (fusion {fusion})")
-    p = None if final_model(run, "teacher").exists() else bar("train teacher")
+    p = None if RunDir(run).model("teacher").exists() else bar("train teacher")
     teacher = train_or_resume(
         run, "teacher", "teacher", load_config(s.config, {"steps": s.teacher_steps, "seed": seed, **base}),
         callback=(lambda step, total, logs: p(total=total, done=None, set_to=step, postfix=logs)) if p else None)
@@ -221,12 +218,12 @@ def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto
 
     announce("eval")
     ordered = [trained[b] for _, b in pairs] + [trained[d] for d, _ in pairs] + [trained["teacher"]]
-    report = run_eval(ordered, split="val", data_root=shared["data"], out_dir=run / "eval", backend=backend, workers=1,
+    report = run_eval(ordered, split="val", data_root=shared["data"], out_dir=RunDir(run).eval, backend=backend, workers=1,
                       max_scans=s.eval_scans, progress=bar("eval"))
     effect = distillation_effect(report["table"], pairs)
     # what the hard-class figures rest on: instances per class with 10+ points in the scans eval saw
     val_instances = run_stats(shared["data"], s.val_sequences, max_scans=s.eval_scans)["all"]["instances"]
-    write_json_atomic(run / "eval" / "distillation_effect.json", {"pairs": pairs, **effect})
+    write_json_atomic(RunDir(run).distillation_effect, {"pairs": pairs, **effect})
     announce("show")
     distilled, baseline = pairs[0]
     pictures = run_show(run, checkpoints=[baseline, distilled, "teacher"], backend=backend)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader
 
 from m2skd import semantickitti as sk
@@ -24,22 +23,20 @@ from m2skd.teacher_cache import stored_logits
 from m2skd.transfer import TransferAccumulator
 from m2skd.plots import confusion_plot, instance_plot, iou_bars
 from m2skd.atomic import read_json, write_json_atomic
-from m2skd.rundir import RunDir
-from m2skd.trainer import file_fingerprint, load_checkpoint, resolve_device, spec_for_run
+from m2skd.checkpoint import load_checkpoint
+from m2skd.distributed import resolve_device
+from m2skd.fingerprint import file_fingerprint
+from m2skd.rundir import RunDir, model_label, spec_for_run
 
 from .cache_teacher import teacher_outputs
 
-
-def checkpoint_label(path: Path) -> str:
-    """RUN/student/model.pt -> 'student'."""
-    path = Path(path)
-    return path.parent.name if path.name == "model.pt" else path.stem
+METRICS_FILE = "metrics.json"  # in an evaluation's output directory: every checkpoint's metrics
 
 
 def resolve_data(checkpoint: Path, data_root=None) -> str:
     if data_root:
         return str(data_root)
-    record = checkpoint.resolve().parent.parent / "prepare" / "config.json"
+    record = RunDir.of_model(checkpoint).prepare_record
     if record.is_file():
         return read_json(record)["data_root"]
     raise StaleInputError(f"{checkpoint}: cannot tell which dataset it belongs to; pass --data")
@@ -60,7 +57,7 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
     checkpoints = [Path(c) for c in checkpoints]
     device = resolve_device(device)
     data_root = resolve_data(checkpoints[0], data_root)
-    out_dir = Path(out_dir or checkpoints[0].resolve().parent.parent / "eval")
+    out_dir = Path(out_dir or RunDir.of_model(checkpoints[0]).eval)
     results = {}
     for ckpt_path in checkpoints:
         spec = spec_for_checkpoint(ckpt_path)
@@ -69,7 +66,7 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
         dataset = RawScanDataset(data_root, seqs, spec, ckpt["config"]["voxel_size"])
         dataset.items = [dataset.items[i] for i in evenly_spaced(len(dataset.items), max_scans)]
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
-        label = checkpoint_label(ckpt_path)
+        label = model_label(ckpt_path)
         if progress:
             progress(total=len(dataset), postfix={"checkpoint": label})
         writer = _label_writer(dataset, spec, Path(save_labels) / label) if save_labels else None
@@ -99,7 +96,7 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
     out_dir.mkdir(parents=True, exist_ok=True)
     table = comparison_table(results)
     table.to_csv(out_dir / "metrics.csv", index=False)
-    write_json_atomic(out_dir / "metrics.json", results)
+    write_json_atomic(out_dir / METRICS_FILE, results)
     iou_bars(results, out_dir / "per_class_iou.png")
     instances = instance_table(results)
     if len(instances):
@@ -115,8 +112,8 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
 
 def spec_for_checkpoint(ckpt_path: Path):
     """The dataset description (and hard classes) of the run the checkpoint was trained in."""
-    run = RunDir(Path(ckpt_path).resolve().parent.parent)
-    return spec_for_run(run) if (run.prepare / "config.json").is_file() else load_spec()
+    run = RunDir.of_model(ckpt_path)
+    return spec_for_run(run) if run.prepare_record.is_file() else load_spec()
 
 
 def _label_writer(dataset: RawScanDataset, spec, root: Path):
@@ -172,8 +169,8 @@ def teacher_targets(teacher, split: str, backend="auto", device=None):
     fused input (source "teacher")."""
     teacher = Path(teacher)
     if teacher.is_dir():
-        teacher = RunDir(teacher).model_dir("teacher") / "model.pt"
-    run = RunDir(teacher.resolve().parent.parent)
+        teacher = RunDir(teacher).model("teacher")
+    run = RunDir.of_model(teacher)
     if not run.manifest.is_file():
         raise StaleInputError(f"{teacher}: no prepared data in its run directory {run.root}; prepare it first")
     spec = spec_for_run(run)
@@ -181,8 +178,7 @@ def teacher_targets(teacher, split: str, backend="auto", device=None):
     rows = manifest[(manifest["split"] == split) & manifest["has_labels"]].sort_values(["sequence", "frame"])
     if rows.empty:
         raise StaleInputError(f"{run.manifest}: no labelled {split} scans; prepare the {split} split")
-    cache_json = run.teacher_cache / "cache.json"
-    record = read_json(cache_json) if cache_json.is_file() else {}
+    record = read_json(run.cache_record) if run.cache_record.is_file() else {}
     if (split in record.get("splits", ()) and record.get("manifest_fingerprint") == meta["content_fingerprint"]
             and record.get("teacher_fingerprint") == file_fingerprint(teacher)):
         def read(row):

@@ -21,13 +21,13 @@ import numpy as np
 
 from m2skd import semantickitti as sk
 from m2skd.dataset_spec import DatasetSpec, load_spec
-from m2skd.atomic import read_json, sweep_temporaries, write_json_atomic
+from m2skd.atomic import sweep_temporaries, write_json_atomic
 from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_bytes, fingerprint_json
 from m2skd.fusion import Frame, FusionConfig, fuse, instance_keys, instance_occupancy
 from m2skd.manifest import read_manifest, write_manifest
 from m2skd.ragged import RaggedReader, dir_bytes, file_stamp, group_is_current, list_groups, write_ragged
-from m2skd.rundir import RunDir
+from m2skd.rundir import RunDir, spec_for_run
 
 from .parallel import run_tasks
 
@@ -220,11 +220,7 @@ def occupancy_gain(run_dir, voxel_size: float, splits=None, jobs: int = 1) -> di
     if not voxel_size > 0:
         raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
     run = RunDir(run_dir)
-    record_path = run.prepare / "config.json"
-    if not record_path.is_file():
-        raise StaleInputError(f"{record_path}: no prepared data in {run.root}")
-    config = read_json(record_path)["config"]
-    spec = load_spec(config["dataset"]).with_hard_classes(config["hard_classes"])
+    spec = spec_for_run(run)
     manifest, _ = read_manifest(run.manifest)
     if splits:
         manifest = manifest[manifest["split"].isin(list(splits))]
@@ -269,7 +265,7 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
         shutil.rmtree(path, ignore_errors=True)
     rows, nbytes = manifest_rows(run)
     df = write_manifest(rows, run.manifest, {"stage": "prepare", **record})
-    write_json_atomic(run.prepare / "config.json", record)  # last: a failed prepare leaves no record
+    write_json_atomic(run.prepare_record, record)  # last: a failed prepare leaves no record
     single = int(df["n_single"].sum())
     inst_single = np.concatenate([np.asarray(v, np.int64) for v in df["hard_instance_points_single"]] or [np.zeros(0, np.int64)])
     inst_fused = np.concatenate([np.asarray(v, np.int64) for v in df["hard_instance_points_fused"]] or [np.zeros(0, np.int64)])

@@ -22,9 +22,9 @@ from m2skd.errors import M2SKDError, StaleInputError
 from m2skd.manifest import read_manifest
 from m2skd.ragged import RaggedReader
 from m2skd.render import bev_figure, class_colours, fusion_figure
-from m2skd.rundir import RunDir
+from m2skd.checkpoint import load_checkpoint
+from m2skd.rundir import RunDir, model_label, spec_for_run
 from m2skd.teacher_cache import stored_logits
-from m2skd.trainer import load_checkpoint, spec_for_run
 from m2skd.transforms import voxel_coords
 
 VIEWS = ("bev", "fusion", "cache")
@@ -33,16 +33,16 @@ DEFAULT_CHECKPOINTS = ("baseline", "distilled", "teacher")
 
 def default_checkpoints(run: RunDir) -> list[Path]:
     """baseline, distilled, teacher where present; otherwise every RUN/*/model.pt."""
-    named = [run.model_dir(n) / "model.pt" for n in DEFAULT_CHECKPOINTS]
+    named = [run.model(n) for n in DEFAULT_CHECKPOINTS]
     found = [p for p in named if p.is_file()]
-    return found or sorted(run.root.glob("*/model.pt"))
+    return found or run.models()
 
 
 def resolve_checkpoint(run: RunDir, name_or_path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    path = run.model_dir(str(name_or_path)) / "model.pt"
+    path = run.model(str(name_or_path))
     if not path.is_file():
         raise StaleInputError(f"{path}: no such checkpoint in {run.root}")
     return path
@@ -84,7 +84,7 @@ def run_show(run_dir, out_dir=None, checkpoints=None, views=VIEWS, scan=None, ca
     bad = set(views) - set(VIEWS)
     if bad:
         raise M2SKDError(f"--views: unknown views {', '.join(sorted(bad))}; choose from {', '.join(VIEWS)}")
-    out = Path(out_dir) if out_dir else run.root / "show"
+    out = Path(out_dir) if out_dir else run.show
     spec = spec_for_run(run)
     manifest, _ = read_manifest(run.manifest)
     colours = class_colours(spec)
@@ -98,9 +98,6 @@ def run_show(run_dir, out_dir=None, checkpoints=None, views=VIEWS, scan=None, ca
             models[path] = (m, ckpt["config"]["voxel_size"])
         return models[path]
 
-    def label(path: Path) -> str:
-        return path.parent.name if path.name == "model.pt" else path.stem
-
     def read_scan(row, names=("points", "label", "source")):
         reader = RaggedReader(run.prepare / row["shard"])
         return reader.read(int(row["shard_index"]), names=list(names))
@@ -112,7 +109,7 @@ def run_show(run_dir, out_dir=None, checkpoints=None, views=VIEWS, scan=None, ca
         n = int(row["n_single"])
         points, raw = data["points"][:n], data["label"][:n]
         gt = spec.learning_lut[raw & 0xFFFF].astype(np.int64)
-        preds = {label(p): _predict(*model(p), points, device) for p in ckpts}
+        preds = {model_label(p): _predict(*model(p), points, device) for p in ckpts}
         path = bev_figure(points, gt, preds, colours, spec.hard_mask, spec.class_names, out / "bev.png",
                           title=f"scan {_scan_name(row)} ({row['split']}), bird's-eye view")
         written["bev"] = {"path": path, "scan": _scan_name(row), "checkpoints": list(preds)}
@@ -159,8 +156,8 @@ def run_show(run_dir, out_dir=None, checkpoints=None, views=VIEWS, scan=None, ca
         gt = spec.learning_lut[raw & 0xFFFF].astype(np.int64)
         cache = RaggedReader(run.teacher_cache / row["shard"])
         panels = {"teacher cache (argmax)": stored_logits(cache, int(row["shard_index"]), spec.num_classes).argmax(1)}
-        students = [p for p in ckpts if label(p) != "teacher"] or ckpts
-        panels.update({label(p): _predict(*model(p), points, device) for p in students})
+        students = [p for p in ckpts if model_label(p) != "teacher"] or ckpts
+        panels.update({model_label(p): _predict(*model(p), points, device) for p in students})
         path = bev_figure(points, gt, panels, colours, spec.hard_mask, spec.class_names, out / "cache.png",
                           title=f"scan {_scan_name(row)} ({row['split']}): teacher-cache targets vs students")
         written["cache"] = {"path": path, "scan": _scan_name(row), "checkpoints": list(panels)}
@@ -172,6 +169,6 @@ def read_config_k(run: RunDir) -> int:
     """k of the prepare run (fused points carry source 1..k)."""
     from m2skd.atomic import read_json
 
-    record = read_json(run.prepare / "config.json")
+    record = read_json(run.prepare_record)
     fusion = record["config"].get("fusion", {})
     return int(fusion.get("k", 4)) if fusion.get("mode", "hard") != "none" else 0

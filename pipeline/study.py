@@ -36,10 +36,11 @@ from m2skd.fusion import FUSION_MODES
 from m2skd.instances import POINT_BUCKETS
 from m2skd.losses import kd_weight_for
 from m2skd.plots import effect_plot
+from m2skd.rundir import RunDir, model_label
 from m2skd.stats import paired_effect
 
-from .demo import SIZES, build_shared, final_model, plan_students, train_students
-from .evaluate import run_eval, transfer_diagnostic
+from .demo import SIZES, build_shared, plan_students, train_students
+from .evaluate import METRICS_FILE, run_eval, transfer_diagnostic
 
 TEACHERS = ("none", "hard", "all")
 SUMMARY_METRICS = (("hard_miou", "hard-class mIoU"), ("miou", "mIoU"))
@@ -71,13 +72,13 @@ def _comparable(config: dict) -> dict:
 def check_existing(run: Path, configs: dict) -> None:
     """Refuse to pair a finished student trained with another configuration than asked for."""
     for name, cfg in configs.items():
-        record = run / name / "train.json"
-        if not final_model(run, name).exists() or not record.is_file():
+        record = RunDir(run).train_record(name)
+        if not RunDir(run).model(name).exists() or not record.is_file():
             continue
         have, want = _comparable(read_json(record)["config"]), _comparable(cfg.to_dict())
         diff = sorted(k for k in set(have) & set(want) if have[k] != want[k])
         if diff:
-            raise StaleInputError(f"{run / name}: trained with other settings ({', '.join(f'{k}={have[k]!r}' for k in diff)} "
+            raise StaleInputError(f"{RunDir(run).model_dir(name)}: trained with other settings ({', '.join(f'{k}={have[k]!r}' for k in diff)} "
                                   f"instead of {', '.join(repr(want[k]) for k in diff)}); use another --out")
 
 
@@ -91,11 +92,11 @@ def evaluate_each(run: Path, checkpoints: dict[str, str], data, max_scans, backe
     RUN/study/eval/<label>/ and reused while the checkpoint file and the settings are unchanged."""
     results = {}
     for name, ckpt in checkpoints.items():
-        out = run / "study" / "eval" / name
+        out = RunDir(run).study_eval(name)
         key = {"checkpoint": _stamp(ckpt), "max_scans": max_scans, "split": "val", "data": str(Path(data).resolve())}
         stamp = out / "stamp.json"
-        if stamp.is_file() and (out / "metrics.json").is_file() and read_json(stamp) == key:
-            results[name] = next(iter(read_json(out / "metrics.json").values()))
+        if stamp.is_file() and (out / METRICS_FILE).is_file() and read_json(stamp) == key:
+            results[name] = next(iter(read_json(out / METRICS_FILE).values()))
             continue
         report = run_eval([ckpt], split="val", data_root=data, out_dir=out, backend=backend, workers=1,
                           max_scans=max_scans, progress=progress)
@@ -110,7 +111,7 @@ def diagnose_each(run: Path, todo: list[tuple[str, str, str, str]], max_scans, b
     RUN/study/transfer/<teacher>/<label>.json and reused while both files are unchanged."""
     out: dict[str, dict] = {}
     for label, ckpt, teacher, teacher_ckpt in todo:
-        path = run / "study" / "transfer" / teacher / f"{label}.json"
+        path = RunDir(run).study_transfer(teacher, label)
         key = {"checkpoint": _stamp(ckpt), "teacher": _stamp(teacher_ckpt), "max_scans": max_scans, "split": "val"}
         if path.is_file() and read_json(path).get("key") == key:
             out.setdefault(teacher, {})[label] = read_json(path)["result"]
@@ -247,7 +248,7 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
         by_teacher_arm[t] = {arm: effects(with_transfer, arm_pairs) for arm, arm_pairs in pairs[t].items()}
         rows += [row for arm, eff in by_teacher_arm[t].items() for row in effect_rows(t, arm, arm_forms[arm], seeds, eff)]
     table = pd.DataFrame(rows)
-    out = run / "study"
+    out = RunDir(run).study
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "study.csv", index=False)
     effect_plot({f"teacher {t}, {arm}": eff for t, by_arm in by_teacher_arm.items() for arm, eff in by_arm.items()},
@@ -260,12 +261,12 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
                                "transfer": {t: d[name] for t, d in diagnostics.items() if name in d}}
                         for name, m in metrics.items()},
         "seconds": time.perf_counter() - t0,
-        "train_seconds": {label: _train_seconds(Path(ckpt).parent) for label, ckpt in checkpoints.items()},
+        "train_seconds": {label: _train_seconds(ckpt) for label, ckpt in checkpoints.items()},
     }
     write_json_atomic(out / "study.json", record)
     return {**record, "table": table, "out_dir": str(out)}
 
 
-def _train_seconds(model_dir: Path):
-    record = Path(model_dir) / "train.json"
+def _train_seconds(model_path):
+    record = RunDir.of_model(model_path).train_record(model_label(model_path))
     return read_json(record).get("seconds") if record.is_file() else None

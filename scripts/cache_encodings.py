@@ -21,12 +21,12 @@ import argparse
 import numpy as np
 import torch
 
+from m2skd.checkpoint import load_checkpoint
 from m2skd.inference import predict
 from m2skd.manifest import read_manifest
 from m2skd.metrics import confusion_matrix, summarize
 from m2skd.ragged import RaggedReader
-from m2skd.rundir import RunDir
-from m2skd.trainer import load_checkpoint, spec_for_run
+from m2skd.rundir import RunDir, spec_for_run
 from m2skd.pipeline.bench import bench_encodings
 from m2skd.pipeline.cache_teacher import teacher_outputs
 

@@ -110,18 +110,20 @@ def compare(stage: str, ref: Path, run: Path) -> list[str]:
     import torch
 
     from m2skd.manifest import read_manifest
+    from m2skd.rundir import RunDir
 
+    a, b = RunDir(ref), RunDir(run)
     if stage == "prepare":
-        da, _ = read_manifest(ref / "prepare/manifest.parquet")
-        db, _ = read_manifest(run / "prepare/manifest.parquet")
-        return ([] if da.equals(db) else ["manifest differs"]) + same_groups(ref / "prepare/shards", run / "prepare/shards")
+        da, _ = read_manifest(a.manifest)
+        db, _ = read_manifest(b.manifest)
+        return ([] if da.equals(db) else ["manifest differs"]) + same_groups(a.shards, b.shards)
     if stage == "cache-teacher":
-        ca, cb = (json.loads((d / "teacher_cache/cache.json").read_text()) for d in (ref, run))
+        ca, cb = (json.loads(d.cache_record.read_text()) for d in (a, b))
         diffs = [] if ca["cache_fingerprint"] == cb["cache_fingerprint"] else ["cache fingerprint differs"]
-        return diffs + same_groups(ref / "teacher_cache/shards", run / "teacher_cache/shards")
+        return diffs + same_groups(a.teacher_cache / "shards", b.teacher_cache / "shards")
     name = "teacher" if stage == "train-teacher" else "student"
-    sa = torch.load(ref / name / "model.pt", weights_only=False)["model"]
-    sb = torch.load(run / name / "model.pt", weights_only=False)["model"]
+    sa = torch.load(a.model(name), weights_only=False)["model"]
+    sb = torch.load(b.model(name), weights_only=False)["model"]
     return [f"{name}/model.pt: {k}" for k in sa if not torch.equal(sa[k], sb[k])]
 
 

@@ -19,9 +19,9 @@ import torch
 from m2skd.dataset import ScanDataset, collate
 from m2skd.losses import FeatureAdapter
 from m2skd.models import build_model
-from m2skd.rundir import RunDir
+from m2skd.rundir import RunDir, spec_for_run
 from m2skd.train_config import load_config
-from m2skd.trainer import spec_for_run, training_step
+from m2skd.trainer import training_step
 from m2skd.transforms import AugmentConfig
 
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 
+from m2skd.checkpoint import load_checkpoint
 from m2skd.dataset import ResumableBatchSampler, ScanDataset, collate
 from m2skd.inference import evaluate
 from m2skd.metrics import summarize
-from m2skd.rundir import RunDir
+from m2skd.rundir import RunDir, spec_for_run
 from m2skd.train_config import TrainConfig
-from m2skd.trainer import load_checkpoint, spec_for_run, train
+from m2skd.trainer import train
 from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
 
 ROOT = Path(__file__).resolve().parent.parent

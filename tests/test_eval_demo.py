@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from m2skd import semantickitti as sk
+from m2skd.checkpoint import load_checkpoint
 from m2skd.instances import instance_key
 from m2skd.dataset_spec import load_spec
 from m2skd.render import figure_px
-from m2skd.trainer import load_checkpoint
 from m2skd.transforms import voxel_coords
 from m2skd.pipeline.demo import run_demo
 from m2skd.pipeline.evaluate import run_eval

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from m2skd import cli
 from m2skd import semantickitti as sk
 from m2skd.atomic import sweep_temporaries, temp_path
+from m2skd.checkpoint import load_checkpoint
 from m2skd.dataset_spec import MANIFEST_DIR, load_spec
 from m2skd.errors import DataError, StaleInputError
 from m2skd.fusion import Frame, FusionConfig, fuse
@@ -25,7 +26,7 @@ from m2skd.manifest import read_manifest
 from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
 from m2skd.train_config import TrainConfig
-from m2skd.trainer import load_checkpoint, train
+from m2skd.trainer import train
 from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
 from m2skd.pipeline.evaluate import run_eval
 from m2skd.pipeline.prepare import PrepareConfig, run_prepare

@@ -16,6 +16,7 @@ from m2skd.losses import (
     lovasz_softmax,
     segmentation_loss,
 )
+from m2skd.train_config import TrainConfig
 
 
 def _np_log_softmax(z):
@@ -196,11 +197,11 @@ def test_kd_weight_is_the_forms_default_unless_set():
         kd_weight_for("l2")
     sl, tl = torch.randn(6, 4, dtype=torch.float64), 3 * torch.randn(6, 4, dtype=torch.float64)
     no_aux = {"feat_weight": 0.0, "affinity_weight": 0.0}
-    total, parts = distillation_loss(sl, tl, config={"kd_form": "release", **no_aux})
+    total, parts = distillation_loss(sl, tl, config=TrainConfig(kd_form="release", **no_aux))
     assert total.item() == pytest.approx(5.0 * logit_distillation(sl, tl, form="release").item(), rel=1e-12)
-    total, _ = distillation_loss(sl, tl, config={"kd_form": "release", "kd_weight": 0.5, **no_aux})
+    total, _ = distillation_loss(sl, tl, config=TrainConfig(kd_form="release", kd_weight=0.5, **no_aux))
     assert total.item() == pytest.approx(0.5 * logit_distillation(sl, tl, form="release").item(), rel=1e-12)
-    total, _ = distillation_loss(sl, tl, config=no_aux)
+    total, _ = distillation_loss(sl, tl, config=TrainConfig(**no_aux))
     assert total.item() == pytest.approx(0.1 * logit_distillation(sl, tl).item(), rel=1e-12)
 
 
@@ -218,7 +219,6 @@ def test_trainer_distill_terms_goes_through_the_one_combiner():
     the adapter, the affinity term on the student's own features."""
     from types import SimpleNamespace
 
-    from m2skd.train_config import TrainConfig
     from m2skd.trainer import distill_terms
 
     torch.manual_seed(1)
@@ -354,14 +354,14 @@ def test_kd_hard_point_weight_by_hand():
     w = np.where(hard, 4.0, 1.0)
     by_hand = (w * kl).sum() / w.sum()  # = (KL0 + 4 KL1 + KL2 + KL3 + 4 KL4) / 11
     cfg = {"kd_weight": 1.0, "temperature": t, "affinity_weight": 0.0, "kd_hard_weight": 4.0}
-    _, parts = distillation_loss(torch.tensor(zs), torch.tensor(zt), config=cfg, hard_points=torch.tensor(hard))
+    _, parts = distillation_loss(torch.tensor(zs), torch.tensor(zt), config=TrainConfig(**cfg), hard_points=torch.tensor(hard))
     assert parts["kd"].item() == pytest.approx(by_hand, rel=1e-9)
     assert by_hand != pytest.approx(kl.mean(), rel=1e-3)  # the weight matters on this case
     # weight 1 is the plain mean; weight 0 leaves the hard points out
-    _, plain = distillation_loss(torch.tensor(zs), torch.tensor(zt), config={**cfg, "kd_hard_weight": 1.0},
+    _, plain = distillation_loss(torch.tensor(zs), torch.tensor(zt), config=TrainConfig(**{**cfg, "kd_hard_weight": 1.0}),
                                  hard_points=torch.tensor(hard))
     assert plain["kd"].item() == pytest.approx(kl.mean(), rel=1e-9)
-    _, easy = distillation_loss(torch.tensor(zs), torch.tensor(zt), config={**cfg, "kd_hard_weight": 0.0},
+    _, easy = distillation_loss(torch.tensor(zs), torch.tensor(zt), config=TrainConfig(**{**cfg, "kd_hard_weight": 0.0}),
                                 hard_points=torch.tensor(hard))
     assert easy["kd"].item() == pytest.approx(kl[~hard].mean(), rel=1e-9)
 
@@ -371,7 +371,6 @@ def test_trainer_weights_hard_class_points_and_takes_the_class_affinity_on_logit
     logits pooled per (scan, class) at the cached hard points; the settings come from the config."""
     from types import SimpleNamespace
 
-    from m2skd.train_config import TrainConfig
     from m2skd.trainer import distill_terms
 
     rng = np.random.default_rng(6)
@@ -400,7 +399,6 @@ def test_trainer_weights_hard_class_points_and_takes_the_class_affinity_on_logit
 def test_changing_what_the_student_trains_on_changes_its_fingerprint():
     """...while the baseline, which trains on none of it, keeps one fingerprint."""
     from m2skd.fingerprint import fingerprint_json
-    from m2skd.train_config import TrainConfig
 
     base = fingerprint_json(TrainConfig().math_dict())
     baseline = fingerprint_json(TrainConfig().no_distill().math_dict())
@@ -417,7 +415,7 @@ def test_no_hard_points_gives_finite_zero_losses():
     ids = torch.zeros(5, dtype=torch.long)
     aff = affinity_distillation(s, torch.randn(5, 8), ids)
     total, parts = distillation_loss(logits, torch.randn(5, 4), s, torch.randn(5, 8),
-                                     hard_mask=ids > 0, instance_ids=ids)
+                                     config=TrainConfig(), hard_mask=ids > 0, instance_ids=ids)
     assert aff.item() == 0.0 and parts["feat"].item() == 0.0 and parts["affinity"].item() == 0.0
     assert torch.isfinite(total)
     (total + aff).backward()
@@ -432,7 +430,7 @@ def test_distillation_loss_combines_weighted_parts():
     ids = torch.tensor([0, 1, 1, 2, 2, 2])
     cfg = {"kd_weight": 2.0, "temperature": 1.5, "feat_weight": 0.5, "affinity_weight": 3.0}
     total, parts = distillation_loss(sl, tl, sf, tf, hard_mask=ids > 0, instance_ids=ids,
-                                     config=cfg)
+                                     config=TrainConfig(**cfg))
     expected = (2.0 * logit_distillation(sl, tl, 1.5) + 0.5 * feature_distillation(sf, tf, ids > 0)
                 + 3.0 * affinity_distillation(sf, tf, ids))
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
