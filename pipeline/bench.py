@@ -133,7 +133,7 @@ def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
 # --- teacher cache encodings --------------------------------------------------------------
 
 #: SemanticKITTI's train set, for the projected cache size: 19,130 scans of ~124k points, 0.5%
-#: of them on hard-class instances (DESIGN.md sections 3 and 6)
+#: of them on hard-class instances (docs/method.md, teacher cache)
 KITTI_TRAIN_POINTS = 19_130 * 124_000
 KITTI_HARD_FRACTION = 0.005
 
