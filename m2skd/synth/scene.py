@@ -818,9 +818,10 @@ class _Populator:
         gathered over drives of a thousand scans and more. In a drive of 150 scans one van
         parked 6 m from the sensor's path takes ~1 % of the points and one bus meeting the
         ego in the oncoming lane ~1.8 %, so whether a short drive happens to pass one would
-        decide its hard-class share (0.4-2.3 % over 8 drives). Under the budget they stay in
-        every drive at about their real share: mostly seen at 20-80 m, passed close only at
-        a drive's ends or where the budget leaves room."""
+        decide its hard-class share (0.4-2.3 % over 8 drives). A close pass does not fit the
+        budget, so they are seen from afar (over the 8 drives most instances beyond 30 m, trucks
+        and other vehicles together about half their real share), and `park_beyond` puts the
+        missing ones at the nearest spot beyond the drive that fits."""
         if kind not in HEAVY_IDS:
             return True
         share = self.ray_share(parts, x, y, yaw, velocity)
