@@ -14,7 +14,7 @@ from m2skd.synth.scene import BUILDING, MOVING_ID, POLE, THING_IDS, Box, Cylinde
 
 SMALL = SynthConfig(beams=32, azimuth_steps=512, poles_per_100m=8.0)  # more poles: one is near for sure
 FRAMES = 10
-SEED = 3
+SEED = 2
 LAST = FRAMES - 1  # frames 0 and LAST are compared
 SPEC = load_spec()
 
@@ -299,14 +299,72 @@ def test_person_resolves_into_legs_torso_and_head():
     assert gap.sum() <= 2
 
 
+def test_heavy_vehicles_keep_to_their_ray_budget():
+    """On the streets of the 8 documented drives (seeds 0-7, sequences 00 and 08 of 150 scans)
+    the trucks, buses, vans and trailers together get at most HEAVY_RAY_BUDGET of a sequence's
+    rays, and each street still has a truck and an other-vehicle. The earlier placement put a
+    bus meeting the ego (seed 1) and vans parked beside the path (seed 2) in these streets, each
+    taking 1-2 % of the rays."""
+    from m2skd.synth.scene import HEAVY_IDS, HEAVY_RAY_BUDGET, OTHER_VEHICLE, TRUCK, _static_id, ray_share
+
+    for seed in range(8):
+        for sequence in ("00", "08"):
+            scene = scene_for(sequence, 150, seed)
+            sensor = scene.ego.positions(scene.frame_times)
+            heavy = [o for o in scene.objects if _static_id(o.raw) in HEAVY_IDS]
+            shares = [ray_share(scene.config, sensor, o.parts, *o.position[:2], o.yaw, o.velocity[:2], scene.frame_times)
+                      for o in heavy]
+            assert sum(shares) <= HEAVY_RAY_BUDGET, (seed, sequence, shares)
+            assert {TRUCK, OTHER_VEHICLE} <= {_static_id(o.raw) for o in heavy}, (seed, sequence)
+
+
+def test_ray_share_bounds_the_points_of_a_heavy_vehicle():
+    """The budget's estimate (rays into the bounding box) is at least what a truck, a van or
+    trailer and a bus get alone on an open road, near and far, and not wildly more."""
+    from m2skd.synth.probe import open_road
+    from m2skd.synth.scene import EGO_LANE_Y, GroundLayout, ray_share
+    from m2skd.synth.shapes import BUS, OTHER_VEHICLE, TRUCK, bus_parts, other_vehicle_parts, truck_parts
+
+    config = SynthConfig(dropout=0.0, outliers=0.0)
+    rng = np.random.default_rng(0)
+    for builder, raw in ((truck_parts, TRUCK), (other_vehicle_parts, OTHER_VEHICLE), (bus_parts, BUS)):
+        for ahead, lateral in ((0.0, 6.4), (10.0, 6.4), (25.0, 6.4), (3.0, 3.5), (50.0, 3.5)):
+            parts, y = builder(rng), EGO_LANE_Y + lateral
+            obj = SceneObject(raw, 1, np.array([ahead, y, float(GroundLayout.height(np.abs(y)))]), 0.0, np.zeros(3),
+                              parts)
+            scene = open_road(config, [obj])
+            scan = simulate_scan(scene, 0, np.random.default_rng(0))
+            points = (scan.instance == 1).sum() / (config.beams * config.azimuth_steps)
+            estimate = ray_share(config, scene.ego.positions(np.zeros(1)), parts, ahead, y, 0.0)
+            assert 0.95 * points <= estimate <= 3.5 * points, (raw, ahead, lateral, points, estimate)
+
+
+def test_parking_bays_recur_at_a_steady_rate():
+    """Each side's parking strip has about `parking_fraction` of parking in every 150 m stretch
+    (random stretches of ~30 m left a 120 m drive with none, or with three times its share)."""
+    from m2skd.synth.scene import PARKING
+
+    config = SynthConfig()
+    for seed in range(4):
+        scene = scene_for("00", 150, seed)
+        for side in scene.ground.parking:
+            spans = side.spans(PARKING)
+            for a in np.arange(side.edges[0], side.edges[-1] - 150.0, 10.0):
+                inside = sum(max(0.0, min(b, a + 150.0) - max(x, a)) for x, b in spans)
+                assert 0.5 <= inside / (150.0 * config.parking_fraction) <= 1.5, (seed, a, inside)
+
+
 def test_drive_has_semantickitti_class_shares(tmp_path):
-    """A drive of the default 64-beam settings: every class holding >= 0.5% of SemanticKITTI's
-    points within a factor 2 of its share, the hard classes together at most 1.5% of the points
-    (and at least a third of the real 0.5%), unlabelled 1-5%, each hard class in both splits.
-    The earlier world (hard classes 6.4%, road 42%, vegetation 5.7%) fails all of these."""
+    """One of the 8 documented drives of the default 64-beam settings (seed 2, sequences 00 and
+    08 of 150 scans): every class holding >= 0.5% of SemanticKITTI's points within a factor 2 of
+    its share, the hard classes together at most 1.5% of the points (and at least a third of the
+    real 0.5%), unlabelled 1-5%, each hard class in both splits. Before the heavy vehicles' ray
+    budget (commit 82c2793) this drive was 2.27% hard: two vans parked beside its path and a
+    truck meeting the ego; the earlier world (hard classes 6.4%, road 42%, vegetation 5.7%)
+    fails all of these."""
     from m2skd.pipeline.stats import run_stats
 
-    generate_dataset(tmp_path, sequences=("00", "01", "08"), frames=80, seed=0, jobs=2)
+    generate_dataset(tmp_path, sequences=("00", "08"), frames=150, seed=2, jobs=2)
     figures = run_stats(tmp_path, jobs=2)
     rows = {r["class"]: r for r in figures["all"]["shares"]}
     for name, row in rows.items():
