@@ -8,7 +8,9 @@ Every step is the same library call the stage commands make; re-running resumes.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,9 +91,33 @@ def train_student(task) -> tuple[tuple[str, str], str]:
     """One student run with `threads` torch threads. Students run side by side, one thread each
     on 2 cores: the sparse ops scale poorly across threads, so two 1-thread runs finish in 0.6x
     the time of the same two runs one after the other."""
-    run, name, config, threads = task
+    run, name, config, threads, steps = task
     torch.set_num_threads(threads)
-    return (run, name), train_or_resume(run, "student", name, config)
+    report = (lambda step, total, logs: steps.put((run, name, step))) if steps is not None else None
+    return (run, name), train_or_resume(run, "student", name, config, callback=report)
+
+
+def train_students_reporting_steps(tasks: list, jobs: int, p) -> list:
+    """The students' steps summed over the runs under way, on progress `p`: each run's training
+    callback sends its step through a queue that a thread here drains, so a log shows steps
+    (rate, ETA) while the runs work in their own processes, not only runs as they end."""
+    p(total=sum(config.steps for _, _, config, _ in tasks))
+    with multiprocessing.Manager() as manager:
+        steps, at = manager.Queue(), {}
+
+        def drain():
+            while (message := steps.get()) is not None:
+                run, name, step = message
+                at[(run, name)] = step
+                p(set_to=sum(at.values()))
+
+        reader = threading.Thread(target=drain, name="student-steps", daemon=True)
+        reader.start()
+        try:
+            return run_tasks(train_student, [(*t, steps) for t in tasks], jobs)
+        finally:
+            steps.put(None)
+            reader.join()
 
 
 def distillation_effect(table, pairs: list[tuple[str, str]]) -> dict:
@@ -188,11 +214,12 @@ def train_students(shared: dict, configs: dict, on_stage=None, progress_factory=
         jobs = min(s.jobs, len(todo))
         announce(f"train {', '.join(labels[(r, n)] for r, n, _ in todo)} ({jobs} at a time)")
         p = bar("train students")
-        if p:
-            p(total=len(todo))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         tasks = [(*t, threads) for t in todo]
-        results = run_tasks(train_student, tasks, jobs, on_done=(lambda task, result: p(advance=1)) if p else None)
+        if p:
+            results = train_students_reporting_steps(tasks, jobs, p)
+        else:
+            results = run_tasks(train_student, [(*t, None) for t in tasks], jobs)
         for key, checkpoint in results:
             trained[labels[key]] = checkpoint
     return trained

@@ -179,7 +179,7 @@ class StageBars:
 
     def __call__(self, name: str):
         self.close()
-        unit = "run" if name == "train students" else "step" if name.startswith("train") else "scan"
+        unit = "step" if name.startswith("train") else "scan"
         self.bar = Progress(name, unit=unit)
         return self.bar
 

@@ -14,7 +14,7 @@ from m2skd.instances import instance_key
 from m2skd.dataset_spec import load_spec
 from m2skd.render import figure_px
 from m2skd.transforms import voxel_coords
-from m2skd.pipeline.demo import run_demo
+from m2skd.pipeline.demo import SIZES, run_demo
 from m2skd.pipeline.evaluate import run_eval
 from m2skd.pipeline.study import run_study
 
@@ -82,6 +82,23 @@ def test_demo_adds_student_seeds_to_a_finished_run(demo):
     assert json.loads((out / "run/distilled-s1/train.json").read_text())["config"]["seed"] == 1
     only_one = run_demo(out, size="tiny", backend="torch", student_seeds=[1])  # never reuses seed 0's runs
     assert list(only_one["table"]["checkpoint"]) == ["baseline-s1", "distilled-s1", "teacher"]
+
+
+def test_student_progress_counts_steps_while_the_runs_work(demo):
+    """Off a terminal the students' progress must move while they train in their worker
+    processes (steps summed over the runs), not only when a run ends."""
+    out, _, _ = demo
+    seen = {}
+
+    def factory(name):
+        seen[name] = calls = []
+        return lambda **kwargs: calls.append(kwargs)
+
+    run_demo(out, size="tiny", backend="torch", student_seeds=[2], progress_factory=factory)
+    calls, steps = seen["train students"], SIZES["tiny"].student_steps
+    assert calls[0] == {"total": 2 * steps}
+    # each step of either run adds one: 1, 2, ..., 2 * steps whatever the interleaving
+    assert [c["set_to"] for c in calls[1:]] == list(range(1, 2 * steps + 1))
 
 
 def test_saved_labels_read_back_as_the_predicted_classes(demo, tmp_path):
