@@ -46,9 +46,12 @@ class StudentNet(torch.nn.Module):
 def training_record(role: str, name: str, cfg: TrainConfig, manifest_fingerprint: str, cache_record: dict | None,
                     world: int) -> dict:
     """What a checkpoint was trained from. Its `fingerprint` chains prepare's (the manifest),
-    the training mathematics and, for a distilled student, the teacher cache's."""
+    the training mathematics and, for a distilled student, the teacher cache's. A run without a
+    cache (teacher, baseline) is fingerprinted with its distillation settings cleared
+    (`no_distill`): they change nothing it computes, so tuning them never makes it stale."""
+    maths = (cfg if cache_record is not None else cfg.no_distill()).math_dict()
     record = {
-        "role": role, "name": name, "config": cfg.to_dict(), "config_fingerprint": fingerprint_json(cfg.math_dict()),
+        "role": role, "name": name, "config": cfg.to_dict(), "config_fingerprint": fingerprint_json(maths),
         "manifest_fingerprint": manifest_fingerprint, "distill": cache_record is not None,
         "cache_fingerprint": cache_record.get("cache_fingerprint") if cache_record else None,
         "teacher_fingerprint": cache_record.get("teacher_fingerprint") if cache_record else None,

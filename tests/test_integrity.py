@@ -26,7 +26,7 @@ from m2skd.manifest import read_manifest
 from m2skd.ragged import RaggedReader
 from m2skd.rundir import RunDir
 from m2skd.train_config import TrainConfig
-from m2skd.trainer import train
+from m2skd.trainer import current_model, train
 from m2skd.pipeline.cache_teacher import CacheConfig, run_cache
 from m2skd.pipeline.evaluate import run_eval
 from m2skd.pipeline.prepare import PrepareConfig, run_prepare
@@ -140,6 +140,16 @@ def test_retrained_teacher_makes_the_cache_stale(chain, tmp_path):
         train(run, "student", TINY, name="student")
     run_cache(run, None, CACHE)  # the re-run the message asks for
     assert train(run, "student", TINY, name="student")["checkpoint"]
+
+
+def test_distillation_settings_never_make_a_teacher_stale(chain):
+    """Tuning the distillation changes what a distilled student computes, not what the teacher
+    computed: the teacher stays current; a setting it trains with makes it stale."""
+    tuned = dataclasses.replace(TINY, kd_form="release", kd_weight=0.3, kd_hard_weight=5.0, affinity_weight=2.0,
+                                affinity_form="class", affinity_max_points=8, feature_layer="dec4")
+    assert current_model(chain, "teacher", "teacher", TINY)
+    assert current_model(chain, "teacher", "teacher", tuned)
+    assert current_model(chain, "teacher", "teacher", dataclasses.replace(TINY, lr=TINY.lr * 2)) is None
 
 
 def test_cache_feature_layer_must_match_the_student(chain, tmp_path):
