@@ -37,12 +37,11 @@ CHUNK_MTIME = 946_684_800 * 10**9
 ROWS_PER_CHUNK = 1 << 18  # ~262k rows: one scan spans one or two chunks
 
 
-def _compressor(dtype: np.dtype, clevel: int = 1, shuffle: str | None = None) -> BloscCodec:
-    # zstd level 1 inside blosc with byte shuffle: as small as level 3 on shards, ~25% faster (bench).
-    # lz4 compresses a shard's arrays 2.6x faster at the same size, but a shard write through zarr
-    # took 13.9 against 14.4 ms/scan (zarr's chunk pipeline dominates): not worth a format change.
+def _compressor(dtype: np.dtype, clevel: int = 1, shuffle: str | None = None, cname: str = "zstd") -> BloscCodec:
+    # default: zstd level 1 inside blosc with byte shuffle, as small as level 3 on shards and ~25%
+    # faster; a writer may choose another blosc compressor per field (prepare: lz4, by measurement)
     shuffle = shuffle or ("bitshuffle" if dtype.itemsize == 1 else "shuffle")
-    return BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle, typesize=dtype.itemsize)
+    return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=dtype.itemsize)
 
 
 def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_scan: dict[str, np.ndarray] | None = None,
@@ -51,7 +50,7 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
 
     `fields` share one row set (`offsets`); each entry of `extra_rows` is another row set with
     its own offsets (`<name>/offsets`), e.g. features kept only for hard-class points.
-    `compression`: {field: {"clevel": .., "shuffle": ..}} where a field is better stored otherwise.
+    `compression`: {field: {"cname": .., "clevel": .., "shuffle": ..}} where a field is better stored otherwise.
     """
     path = Path(path)
     with atomic_path(path) as tmp:
