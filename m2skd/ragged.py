@@ -58,9 +58,9 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
         written = _write_rowset(root, fields, compression or {})
         for name, rowset in (extra_rows or {}).items():
             written.update(_write_rowset(root.create_group(name), rowset, compression or {}))
-        for name, values in (per_scan or {}).items():
-            values = np.asarray(values)
-            written.update(_create_filled(root, name, values, _compressor(values.dtype)))
+        per_scan = {name: np.asarray(values) for name, values in (per_scan or {}).items()}
+        written.update(_store_arrays(root, per_scan, {name: {"shape": v.shape, "dtype": v.dtype, "compressors": _compressor(v.dtype)}
+                                                      for name, v in per_scan.items()}))
         # one metadata write (attrs.update would rewrite zarr.json once per key)
         root.update_attributes({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
                                 "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
@@ -167,7 +167,7 @@ def verify_group(path) -> bool:
 
 def _write_rowset(group, fields: dict[str, list[np.ndarray]], compression: dict[str, dict]) -> dict[str, list]:
     """Write the fields and offsets; returns {store key: [size, crc32]} of the chunks written
-    directly (see _write_chunks)."""
+    directly (see _store_arrays)."""
     names = list(fields)
     counts = np.array([len(a) for a in fields[names[0]]], dtype=np.int64)
     for name in names[1:]:
@@ -175,58 +175,66 @@ def _write_rowset(group, fields: dict[str, list[np.ndarray]], compression: dict[
             raise ValueError(f"field {name!r} has row counts that differ from {names[0]!r}")
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    written = {}
+    values, specs = {}, {}
     for name in names:
-        flat = np.concatenate(fields[name])
-        chunks = (ROWS_PER_CHUNK,) + flat.shape[1:]
+        flat = values[name] = np.concatenate(fields[name])
         # write_empty_chunks: every chunk is written (and recorded), and zarr skips comparing each
         # chunk with the fill value, ~1.5 ms of CPU per 64-beam scan
-        arr = group.create_array(name, shape=flat.shape, dtype=flat.dtype, chunks=chunks, config={"write_empty_chunks": True},
-                                 compressors=_compressor(flat.dtype, **compression.get(name, {})))
-        chunk_crcs = _write_chunks(arr, flat)
-        if chunk_crcs is None:
+        specs[name] = {"shape": flat.shape, "dtype": flat.dtype, "chunks": (ROWS_PER_CHUNK,) + flat.shape[1:],
+                       "config": {"write_empty_chunks": True}, "compressors": _compressor(flat.dtype, **compression.get(name, {}))}
+    values["offsets"] = offsets
+    specs["offsets"] = {"shape": offsets.shape, "dtype": offsets.dtype, "compressors": _compressor(offsets.dtype)}
+    return _store_arrays(group, values, specs)
+
+
+def _store_arrays(group, values: dict[str, np.ndarray], specs: dict[str, dict]) -> dict[str, list]:
+    """group.create_array(name, **specs[name]) filled with values[name], for every name, as
+    `arr[...] = values` would store them, byte for byte; returns {store key: [size, crc32]} of
+    the chunks stored directly (_encode_chunks). The arrays are created concurrently and their
+    chunks stored in one batch: zarr awaits a dozen store operations to create one array, and its
+    chunk pipeline spent about twice the compressor's own time per chunk (a fill-value buffer,
+    copies, a thread hop per codec); together most of a shard write."""
+    agroup = group._async_group
+
+    async def create():
+        return await asyncio.gather(*(agroup.create_array(name, **spec) for name, spec in specs.items()))
+
+    chunks = {}
+    for (name, flat), created in zip(values.items(), sync(create())):
+        arr = zarr.Array(created)
+        encoded = _encode_chunks(arr, np.ascontiguousarray(flat))
+        if encoded is None:  # another codec chain: zarr's own pipeline
             arr[...] = flat
         else:
-            written.update(chunk_crcs)
-    written.update(_create_filled(group, "offsets", offsets, _compressor(offsets.dtype)))
-    return written
+            chunks.update(encoded)
+    store = group.store_path.store
+    buffer = default_buffer_prototype().buffer
 
+    async def put():
+        await asyncio.gather(*(store.set(key, buffer.from_bytes(blob)) for key, blob in chunks.items()))
 
-def _create_filled(group, name: str, values: np.ndarray, compressor) -> dict[str, list]:
-    """group.create_array(name, data=values, compressors=compressor), the same array and bytes,
-    its chunks stored by _write_chunks (a small array through zarr's pipeline cost 1.3 ms)."""
-    values = np.ascontiguousarray(values)
-    if values.ndim != 1 or values.size == 0:
-        group.create_array(name, data=values, compressors=compressor)
-        return {}
-    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, compressors=compressor)
-    written = _write_chunks(arr, values)
-    if written is None:
-        arr[...] = values
-    return written or {}
+    if chunks:
+        sync(put())
+    return {key: [len(blob), f"{zlib.crc32(blob):08x}"] for key, blob in chunks.items()}
 
 
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
-def _write_chunks(arr, flat: np.ndarray) -> dict[str, list] | None:
-    """Encode every chunk of `arr` (a new array of flat's shape, chunked along rows only) and
-    store it, as `arr[...] = flat` would, byte for byte: the same blosc call on the same bytes,
-    the last chunk padded with the fill value, a chunk of fill values left out unless the array
-    writes empty chunks. zarr's chunk pipeline spent about twice the
-    compressor's own time per chunk (a fill-value buffer, copies, a thread hop per codec), most
-    of a shard write. Returns {store key: [size, crc32]}, or None (nothing
-    written) where the codec chain is not bytes + blosc on native little-endian data."""
+def _encode_chunks(arr, flat: np.ndarray) -> dict[str, bytes] | None:
+    """{store key: bytes} of every chunk of `arr` (a new array of flat's shape, chunked along rows
+    only) holding `flat`, as zarr encodes them: the same blosc call on the same bytes, the last
+    chunk padded with the fill value, a chunk of fill values left out unless the array writes
+    empty chunks. None where the codec chain is not bytes + blosc on native little-endian data."""
     serializer, compressors = arr.serializer, arr.compressors
     if (arr.filters or not isinstance(serializer, BytesCodec) or len(compressors) != 1 or not isinstance(compressors[0], BloscCodec)
             or sys.byteorder != "little" or not flat.dtype.isnative or not flat.flags.c_contiguous or arr.chunks[1:] != flat.shape[1:]):
         return None
     c = compressors[0]
     blosc = Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value], blocksize=c.blocksize, typesize=c.typesize)
-    rows = arr.chunks[0]
-    store, prefix = arr.store_path.store, arr.store_path.path
+    rows, prefix = arr.chunks[0], arr.store_path.path
     skip_empty = not arr.config.write_empty_chunks  # zarr does not store a chunk of fill values then
-    keys, blobs = [], []
+    out = {}
     for j, start in enumerate(range(0, len(flat), rows)):
         block = flat[start : start + rows]
         if len(block) < rows:
@@ -236,16 +244,8 @@ def _write_chunks(arr, flat: np.ndarray) -> dict[str, list] | None:
         if skip_empty and (block == arr.fill_value).all():
             continue
         key = arr.metadata.encode_chunk_key((j,) + (0,) * (flat.ndim - 1))
-        keys.append(f"{prefix}/{key}" if prefix else key)
-        blobs.append(blosc.encode(block.view(np.uint8).reshape(-1)))
-    buffer = default_buffer_prototype().buffer
-
-    async def put():
-        await asyncio.gather(*(store.set(k, buffer.from_bytes(b)) for k, b in zip(keys, blobs)))
-
-    if keys:
-        sync(put())
-    return {k: [len(b), f"{zlib.crc32(b):08x}"] for k, b in zip(keys, blobs)}
+        out[f"{prefix}/{key}" if prefix else key] = blosc.encode(block.view(np.uint8).reshape(-1))
+    return out
 
 
 def dir_bytes(path) -> int:
