@@ -213,7 +213,10 @@ def _store_arrays(group, values: dict[str, np.ndarray], specs: dict[str, dict]) 
     async def put():
         await asyncio.gather(*(store.set(key, buffer.from_bytes(blob)) for key, blob in chunks.items()))
 
-    if chunks:
+    if hasattr(store, "set_sync"):  # a local store writes in this thread: no event-loop round trip per chunk
+        for key, blob in chunks.items():
+            store.set_sync(key, buffer.from_bytes(blob))
+    elif chunks:
         sync(put())
     return {key: [len(blob), f"{zlib.crc32(blob):08x}"] for key, blob in chunks.items()}
 
