@@ -113,7 +113,7 @@ def load_spec(name_or_path: str | Path = "semantickitti") -> DatasetSpec:
         path = MANIFEST_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: dataset description not found")
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml's: 3x faster, same result
     class_names = tuple(raw["class_names"])
     hard = tuple(int(c) for c in raw["hard_classes"])
     bad = [c for c in hard if not 0 < c < len(class_names)]

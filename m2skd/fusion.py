@@ -63,9 +63,11 @@ class Frame:
         each time was most of fusion's cost."""
         cached = getattr(self, "_hard", None)
         if cached is None or cached[0] is not hard_mask:
-            instance = self.raw_label >> 16
-            idx = np.flatnonzero(hard_mask[self.train] & (instance > 0))
-            cached = (hard_mask, idx, instance_keys(self.train[idx], instance[idx]))
+            idx = np.flatnonzero(hard_mask.take(self.train))  # hard points are a few percent: the instance
+            instance = self.raw_label[idx] >> 16  # ids are taken of those only
+            keep = instance > 0
+            idx, instance = idx[keep], instance[keep]
+            cached = (hard_mask, idx, instance_keys(self.train[idx], instance))
             self._hard = cached
         return cached[1], cached[2]
 

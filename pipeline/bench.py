@@ -16,6 +16,8 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from m2skd.fusion import FusionConfig
 from m2skd.losses import FeatureAdapter
 from m2skd.models import build_model, count_parameters, sparse_torch
 from m2skd.models.me_compat import minkowski_available
+from m2skd import ragged
 from m2skd.atomic import write_json_atomic
 from m2skd.ragged import write_ragged
 from m2skd.rundir import RunDir, spec_for_run
@@ -40,6 +43,7 @@ from m2skd.trainer import train, training_step
 from m2skd.transforms import AugmentConfig
 
 from .cache_teacher import CACHE_COMPRESSION, CacheConfig, run_cache, teacher_outputs
+from . import prepare as prepare_module
 from .evaluate import run_eval
 from .prepare import PrepareConfig, run_prepare
 
@@ -107,9 +111,56 @@ def io_only_rate(data: Path, sequences, out_bytes: int, scratch: Path) -> float:
     return n_scans / seconds if total else 0.0
 
 
+#: prepare's phases at 1 job, by the functions that run them (module, name); "other" is the rest
+#: (stacking a shard's scans, manifest rows, planning, stamps)
+PREPARE_PHASES = {
+    "read": [(sk, "read_bytes")],
+    "parse": [(sk, "parse_scan"), (sk, "parse_label")],
+    "fingerprint": [(prepare_module, "fingerprint_bytes")],
+    "fusion": [(prepare_module, "fuse")],
+    "compress": [(ragged, "_encode_chunks")],
+    "shard_files": [(prepare_module, "write_ragged")],  # zarr metadata, chunk files, checksums: the write less compress
+    "manifest": [(prepare_module, "manifest_rows"), (prepare_module, "write_manifest")],
+}
+
+
+@contextmanager
+def cpu_by_phase(phases: dict[str, list[tuple[object, str]]]):
+    """Yields {phase: CPU seconds} (process time, every thread) spent in each phase's functions
+    while the context is open; time in a phase's function called from another's is the inner one's."""
+    spent: dict[str, float] = defaultdict(float)
+    stack: list[float] = []  # CPU of inner phases, per open call
+    saved = []
+
+    def wrap(fn, phase):
+        def timed_call(*args, **kwargs):
+            c0 = time.process_time()
+            stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt, inner = time.process_time() - c0, stack.pop()
+                spent[phase] += dt - inner
+                if stack:
+                    stack[-1] += dt
+        return timed_call
+
+    for phase, targets in phases.items():
+        for module, name in targets:
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, wrap(getattr(module, name), phase))
+    try:
+        yield spent
+    finally:
+        for module, name, fn in reversed(saved):
+            setattr(module, name, fn)
+
+
 def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
-    """Prepare's rate at 1 job and at all cores against the I/O-only rate, and a re-run on the
-    finished output: plain (sizes and stamps) and with verify (every chunk hashed)."""
+    """Prepare's rate at 1 job and at all cores against the I/O-only rate, its CPU per scan by
+    phase at 1 job (a separate run), and a re-run on the finished output: plain (sizes and
+    stamps) and with verify (every chunk hashed)."""
     rates, cpu = {}, {}
     cfg = PrepareConfig(FusionConfig(k=4), frames_per_shard=8)
     for jobs in sorted({1, cores}):
@@ -122,9 +173,19 @@ def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
     rerun = timed(lambda: run_prepare(data, run, cfg, jobs=1, sequences=sequences), 2, warmup=0)
     rerun_verify = timed(lambda: run_prepare(data, run, cfg, jobs=1, sequences=sequences, verify=True), 1, warmup=0)
     io = io_only_rate(data, sequences, summary["shard_bytes"], work)
+    profiled = work / "prep_phases"
+    shutil.rmtree(profiled, ignore_errors=True)
+    with cpu_by_phase(PREPARE_PHASES) as spent:
+        c0 = time.process_time()
+        run_prepare(data, profiled, cfg, jobs=1, sequences=sequences)
+        total = time.process_time() - c0
+    shutil.rmtree(profiled, ignore_errors=True)
+    phases = {phase: 1000 * spent[phase] / summary["scans"] for phase in PREPARE_PHASES}
+    phases["other"] = 1000 * total / summary["scans"] - sum(phases.values())
     return {"scans_per_s_1job": rates[1], "scans_per_s_all": rates[cores], "jobs_all": cores, "io_only_scans_per_s": io,
             "prepare_vs_io_rate": rates[cores] / io, "prepare_vs_io_rate_1job": rates[1] / io,
-            "cpu_ms_per_scan_1job": 1000 * cpu[1], "rerun_finished_s": rerun, "rerun_verify_s": rerun_verify,
+            "cpu_ms_per_scan_1job": 1000 * cpu[1], "cpu_ms_per_scan_by_phase": phases,
+            "rerun_finished_s": rerun, "rerun_verify_s": rerun_verify,
             "bytes_per_single_point": summary["bytes_per_single_point"],
             "median_points_per_hard_instance_single": summary["median_points_per_hard_instance_single"],
             "median_points_per_hard_instance_fused": summary["median_points_per_hard_instance_fused"], "run": str(run)}
@@ -488,6 +549,8 @@ def format_table(result: dict) -> str:
         f"prepare (k=4)             {p['scans_per_s_1job']:.2f} scans/s @1 job ({p['cpu_ms_per_scan_1job']:.0f} ms CPU/scan), "
         f"{p['scans_per_s_all']:.2f} @{p['jobs_all']} jobs; I/O only {p['io_only_scans_per_s']:.1f} scans/s -> ratio "
         f"{p['prepare_vs_io_rate_1job']:.2f} @1 job, {p['prepare_vs_io_rate']:.2f} @{p['jobs_all']}",
+        *(["prepare CPU by phase      " + ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_ms_per_scan_by_phase"].items())
+           + " ms/scan @1 job"] if "cpu_ms_per_scan_by_phase" in p else []),
         f"prepare re-run, finished  {p['rerun_finished_s']:.2f} s (sizes and stamps); with --verify {p['rerun_verify_s']:.2f} s",
         f"shard bytes/single point  {p['bytes_per_single_point']:.2f} (raw .bin+.label: 20)",
         f"hard instance points      median {p['median_points_per_hard_instance_single']:.0f} single -> {p['median_points_per_hard_instance_fused']:.0f} fused",

@@ -137,6 +137,29 @@ def test_changed_config_is_refused(small_dataset, tmp_path):
         run_prepare(small_dataset, tmp_path, PrepareConfig(FusionConfig(k=3), frames_per_shard=8), sequences=("08",))
 
 
+def test_changed_shard_codec_is_refused_then_rewritten(small_dataset, tmp_path, monkeypatch):
+    """Shards stored with another codec (e.g. by an older m2skd) are not reused: the codec is part
+    of the config fingerprint. --overwrite rewrites them to the same decoded arrays."""
+    import m2skd.pipeline.prepare as pp
+
+    cfg = PrepareConfig(FusionConfig(k=2), frames_per_shard=8)
+    old = {name: {"cname": "zstd", "clevel": 1} for name in pp.SHARD_COMPRESSION}
+    with monkeypatch.context() as m:
+        m.setattr(pp, "SHARD_COMPRESSION", old)
+        first = run_prepare(small_dataset, tmp_path, cfg, sequences=("08",))
+        before = {i: scan_rows(tmp_path, row) for i, row in read_manifest(RunDir(tmp_path).manifest)[0].iterrows()}
+    with pytest.raises(StaleInputError, match="another configuration"):
+        run_prepare(small_dataset, tmp_path, cfg, sequences=("08",))
+    again = run_prepare(small_dataset, tmp_path, cfg, sequences=("08",), overwrite=True)
+    assert again["shards_written"] == again["shards"] and again["manifest_fingerprint"] != first["manifest_fingerprint"]
+    df, _ = read_manifest(RunDir(tmp_path).manifest)
+    for i, row in df.iterrows():
+        data = scan_rows(tmp_path, row)
+        assert all(np.array_equal(data[k], before[i][k]) and data[k].dtype == before[i][k].dtype for k in data)
+    codecs = RaggedReader(RunDir(tmp_path).prepare / df["shard"][0]).group["points"].metadata.codecs
+    assert [c.to_dict()["configuration"].get("cname") for c in codecs] == [None, "lz4"]
+
+
 def test_icp_recovers_small_rigid_motion_and_rejects_garbage():
     rng = np.random.default_rng(0)
     target = np.concatenate([rng.uniform([-0.3, -0.9, 0], [0.3, 0.9, 1.1], (300, 3)) * [1, 1, 1]])
