@@ -11,9 +11,18 @@ sizes (a truncated chunk is reported by name, before a decompressor sees it), an
 sizes as recorded and the fixed stamp; a chunk whose stamp differs (written to since, or copied
 without its times) is hashed, and `verify` hashes all. A fixed stamp rather than a recorded
 one keeps the metadata identical from run to run (same inputs, same bits).
+
+On an object store (an fsspec URL, m2skd.storage) the group is written the same way into a local
+temporary and uploaded object by object (the same bytes as on disk), after withdrawing any earlier
+commit record; then its commit record `NAME.zarr.commit` is written last, beside the group.
+Readers require it, so a killed writer leaves nothing a reader accepts. Objects cannot be
+stamped, so the commit record holds each chunk object's stamp as listed after the upload (its
+ETag or generation): a re-run compares sizes and stamps from one listing of the group and
+hashes only the chunks whose stamp differs.
 """
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -22,6 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from . import storage
 from .atomic import atomic_path, is_temporary
 from .errors import DataError
 
@@ -48,20 +58,48 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
     its own offsets (`<name>/offsets`), e.g. features kept only for hard-class points.
     `compression`: {field: {"clevel": .., "shuffle": ..}} where a field is better stored otherwise.
     """
-    path = Path(path)
+    path = storage.path(path)
+    if isinstance(path, storage.ObjectPath):
+        with storage.local_stage(path) as tmp:
+            root = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
+            _publish_group(tmp, root, path)
+        return dir_bytes(path)
     with atomic_path(path) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        _write_rowset(root, fields, compression or {})
-        for name, rowset in (extra_rows or {}).items():
-            _write_rowset(root.create_group(name), rowset, compression or {})
-        for name, values in (per_scan or {}).items():
-            values = np.asarray(values)
-            root.create_array(name, data=values, compressors=_compressor(values.dtype))
-        # one metadata write (attrs.update would rewrite zarr.json once per key)
-        root.update_attributes({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
-                                "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
-                                "chunk_files": chunk_files(tmp), "complete": True})
+        _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
     return dir_bytes(path)
+
+
+def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression):
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    _write_rowset(root, fields, compression or {})
+    for name, rowset in (extra_rows or {}).items():
+        _write_rowset(root.create_group(name), rowset, compression or {})
+    for name, values in (per_scan or {}).items():
+        values = np.asarray(values)
+        root.create_array(name, data=values, compressors=_compressor(values.dtype))
+    # one metadata write (attrs.update would rewrite zarr.json once per key)
+    root.update_attributes({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
+                            "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
+                            "chunk_files": chunk_files(tmp), "complete": True})
+    return root
+
+
+COMMIT_SUFFIX = ".commit"  # NAME.zarr.commit, beside the group on an object store: written last
+
+
+def commit_record(group: "storage.ObjectPath") -> "storage.ObjectPath":
+    return group.with_name(group.name + COMMIT_SUFFIX)
+
+
+def _publish_group(tmp: Path, root, dest: "storage.ObjectPath") -> None:
+    """Upload a finished local group: withdraw the old commit record, remove the old objects,
+    upload the new ones, then write the commit record with their stamps."""
+    commit = commit_record(dest)
+    commit.unlink(missing_ok=True)
+    storage.remove_tree(dest)
+    listed = storage.upload_tree(tmp, dest)
+    stamps = {rel: listed[rel][1] for rel in root.attrs["chunk_files"]}
+    commit.write_bytes(json.dumps({"chunk_stamps": stamps}, sort_keys=True).encode())
 
 
 def _is_chunk(rel: str) -> bool:
@@ -72,12 +110,9 @@ def file_stamp(path) -> list:
     """[size, modification time in ns] of a file: what a re-run compares instead of its bytes.
     fsspec URLs give their store's size and modification record (mtime, LastModified or ETag)."""
     path = str(path)
-    if "://" in path:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        info = fs.info(p)
-        return [int(info["size"]), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
+    if storage.is_url(path):
+        info = storage.path(path).info()
+        return [int(info["size"]), storage.object_stamp(info)]
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -103,9 +138,11 @@ def chunk_files(group_dir) -> dict[str, list]:
     return out
 
 
-def _check_chunks(path: Path, recorded: dict, hashes: bool | None) -> None:
+def _check_chunks(path: Path, recorded: dict, hashes: bool | None, stamps: dict | None = None) -> None:
     """Sizes always; hashes of every chunk (True), of none (False), or of those whose stamp
     differs from the recorded one (None)."""
+    if isinstance(path, storage.ObjectPath):
+        return _check_objects(path, recorded, hashes, stamps or {})
     for rel, (size, digest) in recorded.items():
         f = path / rel
         try:
@@ -116,6 +153,20 @@ def _check_chunks(path: Path, recorded: dict, hashes: bool | None) -> None:
             raise DataError(path, f"chunk {rel} has {st.st_size} bytes, {size} written (truncated or damaged): re-run the stage that writes it")
         check = hashes if hashes is not None else st.st_mtime_ns != CHUNK_MTIME
         if check and _hash(f) != digest:
+            raise DataError(path, f"chunk {rel} content differs from what was written (damaged): re-run the stage that writes it")
+
+
+def _check_objects(path, recorded: dict, hashes: bool | None, stamps: dict) -> None:
+    """_check_chunks on an object store: sizes and stamps from one listing of the group."""
+    listed = path.find()
+    for rel, (size, digest) in recorded.items():
+        info = listed.get(rel)
+        if info is None:
+            raise DataError(path, f"chunk {rel} is missing: re-run the stage that writes it")
+        if int(info["size"]) != size:
+            raise DataError(path, f"chunk {rel} has {info['size']} bytes, {size} written (truncated or damaged): re-run the stage that writes it")
+        check = hashes if hashes is not None else storage.object_stamp(info) != stamps.get(rel)
+        if check and f"{zlib.crc32(path.fs.cat_file((path / rel).key)):08x}" != digest:
             raise DataError(path, f"chunk {rel} content differs from what was written (damaged): re-run the stage that writes it")
 
 
@@ -172,12 +223,15 @@ def _write_rowset(group, fields: dict[str, list[np.ndarray]], compression: dict[
 
 
 def dir_bytes(path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return storage.tree_bytes(path)
 
 
 def list_groups(directory) -> list[Path]:
-    """Published groups (`*.zarr`, no temporaries) directly under directory/*/."""
-    directory = Path(directory)
+    """Published groups (`*.zarr`, no temporaries) directly under directory/*/; on an object
+    store those with their commit record."""
+    directory = storage.path(directory)
+    if isinstance(directory, storage.ObjectPath):
+        return [g.with_name(g.name[: -len(COMMIT_SUFFIX)]) for g in directory.glob(f"*/*.zarr{COMMIT_SUFFIX}")]
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob("*/*.zarr") if p.is_dir() and not is_temporary(p))
@@ -189,10 +243,25 @@ class RaggedReader:
     def __init__(self, path, verify_hashes: bool | None = False):
         """verify_hashes: True hashes every chunk, None those whose stamp differs, False none."""
         self.path = str(path)
-        if not Path(self.path).is_dir():
+        location = storage.path(path)
+        remote = isinstance(location, storage.ObjectPath)
+        if not location.is_dir():
             raise DataError(self.path, "missing: re-run the stage that writes it")
+        stamps = None
+        if remote:
+            try:
+                stamps = json.loads(storage.read_bytes(commit_record(location)))["chunk_stamps"]
+            except (DataError, ValueError, KeyError):
+                raise DataError(self.path, f"no valid commit record {commit_record(location).name} (an interrupted "
+                                           "upload): re-run the stage that writes it") from None
         try:
-            self.group = zarr.open_group(self.path, mode="r")
+            if remote:
+                from zarr.storage import FsspecStore
+
+                store = FsspecStore.from_url(self.path, read_only=True)
+                self.group = zarr.open_group(store, mode="r", zarr_format=3)
+            else:
+                self.group = zarr.open_group(self.path, mode="r")
             attrs = dict(self.group.attrs)
         except Exception as exc:  # zarr raises several types for a missing/corrupt group
             raise DataError(self.path, f"not a readable Zarr group ({type(exc).__name__}): re-run the stage that writes it") from None
@@ -200,7 +269,7 @@ class RaggedReader:
             raise DataError(self.path, "incomplete group (no 'complete' mark): re-run the stage that writes it")
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise DataError(self.path, f"schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}: re-run the stage that writes it")
-        _check_chunks(Path(self.path), attrs.get("chunk_files", {}), verify_hashes)
+        _check_chunks(location, attrs.get("chunk_files", {}), verify_hashes, stamps)
         self.attrs = attrs
         self._rowsets = {None: (self.group, attrs["fields"])}
         self._rowsets.update({name: (self.group[name], fields) for name, fields in attrs.get("extra_rows", {}).items()})
