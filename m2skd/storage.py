@@ -373,11 +373,17 @@ def publish_versioned(local: Path, dest: ObjectPath) -> ObjectPath:
     return target
 
 
-def _version_abandoned(name: str, referenced: set[str]) -> bool:
-    m = _VERSION_RE.match(name)
-    if not m or name in referenced:
-        return False
-    return is_abandoned(f"x.tmp-{m.group('host')}-{m.group('pid')}")
+def _versions(d: ObjectPath, found: dict) -> dict[str, bool]:
+    """{relative key: referenced} of every versioned object under `d`: only the pointers that
+    have versions beside them are read."""
+    versions = {rel: _VERSION_RE.match(posixpath.basename(rel)) for rel in found}
+    versions = {rel: m for rel, m in versions.items() if m}
+    referenced = set()
+    for pointer in {posixpath.join(posixpath.dirname(rel), m.group("name")) for rel, m in versions.items()}:
+        target = _pointer_target(d / pointer)
+        if target is not None:
+            referenced.add(target.relative_to(d).as_posix())
+    return {rel: rel in referenced for rel in versions}
 
 
 def sweep(directory) -> int:
@@ -386,19 +392,14 @@ def sweep(directory) -> int:
     d = path(directory)
     if isinstance(d, Path):
         return sweep_temporaries(d)
-    found = d.find()
-    pointers = {rel for rel, info in found.items() if int(info.get("size", 0)) < 4096 and not _VERSION_RE.match(posixpath.basename(rel))}
-    referenced = set()
-    for rel in pointers:
-        target = _pointer_target(d / rel)
-        if target is not None:
-            referenced.add(target.relative_to(d).as_posix())
-    stale = [rel for rel in found if _VERSION_RE.match(posixpath.basename(rel)) and _version_abandoned(posixpath.basename(rel), {
-        posixpath.basename(r) for r in referenced if posixpath.dirname(r) == posixpath.dirname(rel)})]
-    for rel in stale:
-        with contextlib.suppress(FileNotFoundError):
-            d.fs.rm_file((d / rel).key)
-    return len(stale)
+    removed = 0
+    for rel, referenced in _versions(d, d.find()).items():
+        m = _VERSION_RE.match(posixpath.basename(rel))
+        if not referenced and is_abandoned(f"x.tmp-{m.group('host')}-{m.group('pid')}"):
+            with contextlib.suppress(FileNotFoundError):
+                d.fs.rm_file((d / rel).key)
+            removed += 1
+    return removed
 
 
 def leftovers(directory) -> list[str]:
@@ -410,13 +411,7 @@ def leftovers(directory) -> list[str]:
 
         return sorted(str(p) for p in d.rglob("*") if is_temporary(p))
     found = d.find()
-    referenced = set()
-    for rel in found:
-        if not _VERSION_RE.match(posixpath.basename(rel)):
-            target = _pointer_target(d / rel) if int(found[rel].get("size", 0)) < 4096 else None
-            if target is not None:
-                referenced.add(target.relative_to(d).as_posix())
-    out = [rel for rel in found if _VERSION_RE.match(posixpath.basename(rel)) and rel not in referenced]
+    out = [rel for rel, referenced in _versions(d, found).items() if not referenced]
     groups = {rel.split(".zarr/", 1)[0] + ".zarr" for rel in found if ".zarr/" in rel}
     out += [g for g in groups if f"{g}.commit" not in found]  # m2skd.ragged's commit record
     return sorted(str(d / rel) for rel in out)
