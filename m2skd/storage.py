@@ -241,6 +241,9 @@ class ObjectPath:
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Object stores have no folders: a prefix exists once an object is under it."""
 
+    def rmdir(self) -> None:
+        """An empty prefix is gone already."""
+
     def unlink(self, missing_ok: bool = False) -> None:
         """Remove the object (and, for a pointer, the object it points to)."""
         fs = self._fresh()

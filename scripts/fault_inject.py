@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     summary = {"kills_per_stage": args.kills, "stages": {}}
     failed = False
     ref_cmds, run_cmds = stage_commands(data, ref, config), stage_commands(data, run, config)
-    for stage in ref_cmds:
+    for stage in list(ref_cmds)[: max(STAGES.index(s) for s in kill_stages) + 1]:  # none after the last killed one
         seconds = run_to_end(ref_cmds[stage], env)
         if stage not in kill_stages:
             run_to_end(run_cmds[stage], env)
