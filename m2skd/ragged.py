@@ -245,15 +245,17 @@ class RaggedReader:
         self.path = str(path)
         location = storage.path(path)
         remote = isinstance(location, storage.ObjectPath)
-        if not location.is_dir():
-            raise DataError(self.path, "missing: re-run the stage that writes it")
         stamps = None
-        if remote:
+        if remote:  # the commit record, written last, is what makes the group exist
             try:
                 stamps = json.loads(storage.read_bytes(commit_record(location)))["chunk_stamps"]
             except (DataError, ValueError, KeyError):
-                raise DataError(self.path, f"no valid commit record {commit_record(location).name} (an interrupted "
-                                           "upload): re-run the stage that writes it") from None
+                missing = not location.is_dir()
+                raise DataError(self.path, "missing: re-run the stage that writes it" if missing else
+                                f"no valid commit record {commit_record(location).name} (an interrupted upload): "
+                                "re-run the stage that writes it") from None
+        elif not location.is_dir():
+            raise DataError(self.path, "missing: re-run the stage that writes it")
         try:
             if remote:
                 from zarr.storage import FsspecStore

@@ -226,8 +226,7 @@ class ObjectPath:
 
     # -- reading and writing -------------------------------------------------------------
     def read_bytes(self) -> bytes:
-        with open_read(self) as fh:
-            return fh.read()
+        return read_bytes(self)
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -297,8 +296,22 @@ def open_read(location):
 
 
 def read_bytes(location) -> bytes:
-    with open_read(location) as fh:
-        return fh.read()
+    """A whole file; on a store one GET (two for a pointer)."""
+    p = path(location)
+    if isinstance(p, Path):
+        with open_read(p) as fh:
+            return fh.read()
+    try:
+        data = p.fs.cat_file(p.key)
+    except FileNotFoundError:
+        raise DataError(p.url, "not found") from None
+    if data.startswith(_POINTER_MAGIC):
+        target = p.with_name(json.loads(data)[POINTER_KEY])
+        try:
+            return target.fs.cat_file(target.key)
+        except FileNotFoundError:
+            raise DataError(target.url, "not found (its pointer names it)") from None
+    return data
 
 
 def read_json(location) -> dict:
