@@ -99,22 +99,21 @@ class Device(click.ParamType):
 DEVICE = Device()
 
 
-class Location(click.ParamType):
+class Location(click.Path):
     """A local path (checked as click.Path checks it) or an fsspec URL (s3://, gs://, ...)."""
-
-    name = "path"
-
-    def __init__(self, exists: bool = False, file_okay: bool = True, dir_okay: bool = True):
-        self.exists = exists
-        self.local = click.Path(exists=exists, file_okay=file_okay, dir_okay=dir_okay)
 
     def convert(self, value, param, ctx):
         from m2skd import storage
 
         if not storage.is_url(value):
-            return self.local.convert(value, param, ctx)
+            return super().convert(value, param, ctx)
         try:
-            if self.exists and not storage.path(value).exists():
+            storage.filesystem(value)  # a missing client or unknown protocol, named by this URL
+            location = storage.path(value)
+            container = storage.path(f"{location.protocol}://{location.key.split('/')[0]}")
+            if not container.exists():  # the bucket: a store's own error would not name the URL
+                self.fail(f"{value}: {container} not found or not accessible with these credentials", param, ctx)
+            if self.exists and not location.exists():
                 self.fail(f"{value}: not found", param, ctx)
         except M2SKDError as exc:
             self.fail(str(exc), param, ctx)

@@ -84,18 +84,14 @@ def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression):
     return root
 
 
-COMMIT_SUFFIX = ".commit"  # NAME.zarr.commit, beside the group on an object store: written last
-
-
-def commit_record(group: "storage.ObjectPath") -> "storage.ObjectPath":
-    return group.with_name(group.name + COMMIT_SUFFIX)
+COMMIT_SUFFIX = storage.COMMIT_SUFFIX  # NAME.zarr.commit beside the group on an object store
+commit_record = storage.commit_record
 
 
 def _publish_group(tmp: Path, root, dest: "storage.ObjectPath") -> None:
-    """Upload a finished local group: withdraw the old commit record, remove the old objects,
+    """Upload a finished local group: withdraw the old commit record and the old objects,
     upload the new ones, then write the commit record with their stamps."""
     commit = commit_record(dest)
-    commit.unlink(missing_ok=True)
     storage.remove_tree(dest)
     listed = storage.upload_tree(tmp, dest)
     stamps = {rel: listed[rel][1] for rel in root.attrs["chunk_files"]}

@@ -429,16 +429,27 @@ def leftovers(directory) -> list[str]:
     found = d.find()
     out = [rel for rel, referenced in _versions(d, found).items() if not referenced]
     groups = {rel.split(".zarr/", 1)[0] + ".zarr" for rel in found if ".zarr/" in rel}
-    out += [g for g in groups if f"{g}.commit" not in found]  # m2skd.ragged's commit record
+    out += [g for g in groups if g + COMMIT_SUFFIX not in found]
     return sorted(str(d / rel) for rel in out)
 
 
+COMMIT_SUFFIX = ".commit"
+
+
+def commit_record(folder: ObjectPath) -> ObjectPath:
+    """NAME.commit beside a folder of objects published together (a Zarr group): written after
+    every object in the folder, removed before any of them; readers require it."""
+    return folder.with_name(folder.name + COMMIT_SUFFIX)
+
+
 def remove_tree(location) -> None:
+    """Remove a folder; on a store its commit record first, so no reader accepts what is left."""
     p = path(location)
     if isinstance(p, Path):
         shutil.rmtree(p, ignore_errors=True)
         return
     fs = p.fs
+    commit_record(p).unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         fs.rm(p.key, recursive=True)
     fs.invalidate_cache()

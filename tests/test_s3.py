@@ -158,6 +158,15 @@ def test_damage_and_interrupted_writes_on_s3_are_refused_and_repaired(small_data
     assert run_prepare(small_dataset, remote, PREPARE)["shards_written"] == 1
     assert storage.leftovers(remote) == [] and group_is_current(shard, expected)
 
+    # --overwrite with other settings: the old shards are withdrawn (commit record first) and removed
+    old = set(map(str, list_groups(run.shards)))
+    redone = run_prepare(small_dataset, remote, PrepareConfig(FusionConfig(), frames_per_shard=8), overwrite=True)
+    new = set(map(str, list_groups(run.shards)))
+    assert redone["stale_shards_removed"] == len(old) == 6 and redone["shards"] == len(new) == 3 and not old & new
+    commits = [k for k in storage.path(run.shards).find() if k.endswith(".commit")]
+    assert storage.leftovers(remote) == [] and len(commits) == 3
+    assert all(s.endswith("/000000-000007.zarr") for s in read_manifest(run.manifest)[0]["shard"])
+
     # a checkpoint whose pointer never got written: readers keep the previous one
     from m2skd.checkpoint import read_checkpoint
     from m2skd.storage import publish_versioned
@@ -208,3 +217,31 @@ def test_killed_prepare_and_cache_teacher_on_s3_resume_to_the_local_result(tmp_p
     assert list(stages) == ["prepare", "cache-teacher"]
     assert all(not s["mismatches"] and not s["corrupt_after_kill"] and not s["temporaries_left"] for s in stages.values())
     assert sum(s["killed_running"] for s in stages.values()) >= 3, stages
+
+
+def test_bad_urls_are_one_line_naming_the_url(s3, small_dataset):
+    from click.testing import CliRunner
+
+    from m2skd import cli
+
+    runner = CliRunner()
+    cases = [
+        (["train-teacher", f"{s3}/no-such-run"], f"{s3}/no-such-run: not found"),
+        (["eval", f"{s3}/no-such-run/student/model.pt"], "not found"),
+        (["cache-teacher", f"{s3}/no-such-run"], "not found"),
+        (["prepare", "nosuchprotocol://bucket/data", f"{s3}/r"], "nosuchprotocol://bucket/data"),
+        (["prepare", str(small_dataset), "s3://no-such-bucket-m2skd/run"], "no-such-bucket-m2skd"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(cli.main, args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code != 0 and len(lines) <= 3 and expected in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    # a URL of a store whose client is not installed: what to install, in one line
+    with pytest.raises(DataError, match=r"pip install 'm2skd\[gcs\]'"):
+        try:
+            import gcsfs  # noqa: F401
+        except ImportError:
+            storage.path("gs://bucket/run").exists()
+        else:
+            raise DataError("gs://", "pip install 'm2skd[gcs]' (gcsfs is installed here: nothing to check)")
