@@ -62,8 +62,7 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
     if isinstance(path, storage.ObjectPath):
         with storage.local_stage(path) as tmp:
             root = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
-            _publish_group(tmp, root, path)
-        return dir_bytes(path)
+            return _publish_group(tmp, root, path)
     with atomic_path(path) as tmp:
         _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
     return dir_bytes(path)
@@ -88,14 +87,15 @@ COMMIT_SUFFIX = storage.COMMIT_SUFFIX  # NAME.zarr.commit beside the group on an
 commit_record = storage.commit_record
 
 
-def _publish_group(tmp: Path, root, dest: "storage.ObjectPath") -> None:
+def _publish_group(tmp: Path, root, dest: "storage.ObjectPath") -> int:
     """Upload a finished local group: withdraw the old commit record and the old objects,
-    upload the new ones, then write the commit record with their stamps."""
+    upload the new ones, then write the commit record with their stamps; returns its bytes."""
     commit = commit_record(dest)
     storage.remove_tree(dest)
     listed = storage.upload_tree(tmp, dest)
     stamps = {rel: listed[rel][1] for rel in root.attrs["chunk_files"]}
     commit.write_bytes(json.dumps({"chunk_stamps": stamps}, sort_keys=True).encode())
+    return sum(size for size, _ in listed.values())
 
 
 def _is_chunk(rel: str) -> bool:

@@ -269,12 +269,10 @@ def join(root, *parts):
 def _pointer_target(p: ObjectPath) -> ObjectPath | None:
     """The object a pointer at `p` names; None if `p` is absent or not a pointer."""
     fs = p.fs
-    try:
-        with fs.open(p.key, "rb") as fh:
-            head = fh.read(len(_POINTER_MAGIC))
-            if head != _POINTER_MAGIC:
-                return None
-            data = head + fh.read()
+    try:  # one ranged GET: most objects are not pointers
+        if fs.cat_file(p.key, start=0, end=len(_POINTER_MAGIC)) != _POINTER_MAGIC:
+            return None
+        data = fs.cat_file(p.key)
     except FileNotFoundError:
         return None
     return p.with_name(json.loads(data)[POINTER_KEY])

@@ -463,8 +463,9 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
     """announce(name) at the start of each stage; progress(total=, advance=) counts the stages."""
     if gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu: no CUDA device visible to PyTorch")
-    out_dir = Path(out_dir)
-    work = out_dir / "work"
+    out_dir = storage.path(out_dir)
+    # the scratch data is local whatever --out is: the rows measure this machine's disk (and the S3 row a local server)
+    work = out_dir / "work" if isinstance(out_dir, Path) else Path(tempfile.mkdtemp(prefix="m2skd-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if gpu else "cpu")
     cores = os.cpu_count() or 1
