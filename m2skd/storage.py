@@ -63,7 +63,8 @@ _FS_CACHE: dict = {}
 
 
 def filesystem(url: str):
-    """(fsspec file system, protocol) of a URL; a missing client is one line saying what to install."""
+    """The fsspec file system of a URL (one per protocol and process, configured by the client's
+    environment); a missing client is one line saying what to install."""
     protocol = url.split("://", 1)[0]
     key = (protocol, os.getpid())
     if key not in _FS_CACHE:
@@ -258,13 +259,6 @@ class ObjectPath:
 
 
 # -- generic operations on a local path or a URL ------------------------------------------
-
-def join(root, *parts):
-    p = path(root)
-    for part in parts:
-        p = p / part
-    return p
-
 
 def _pointer_target(p: ObjectPath) -> ObjectPath | None:
     """The object a pointer at `p` names; None if `p` is absent or not a pointer."""
