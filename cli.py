@@ -97,7 +97,32 @@ class Device(click.ParamType):
 
 
 DEVICE = Device()
-OUT_DIR = click.Path(file_okay=False)
+
+
+class Location(click.Path):
+    """A local path (checked as click.Path checks it) or an fsspec URL (s3://, gs://, ...)."""
+
+    def convert(self, value, param, ctx):
+        from m2skd import storage
+
+        if not storage.is_url(value):
+            return super().convert(value, param, ctx)
+        try:
+            storage.filesystem(value)  # a missing client or unknown protocol, named by this URL
+            location = storage.path(value)
+            container = storage.path(f"{location.protocol}://{location.key.split('/')[0]}")
+            if not container.exists():  # the bucket: a store's own error would not name the URL
+                self.fail(f"{value}: {container} not found or not accessible with these credentials", param, ctx)
+            if self.exists and not location.exists():
+                self.fail(f"{value}: not found", param, ctx)
+        except M2SKDError as exc:
+            self.fail(str(exc), param, ctx)
+        except OSError as exc:  # credentials, endpoint, permissions: the client's own words
+            self.fail(f"{value}: {exc.strerror or exc}", param, ctx)
+        return value
+
+
+OUT_DIR = Location(file_okay=False)
 
 
 # Options several commands share, each declared once; a command passes its own default and help.
@@ -262,8 +287,8 @@ def stats(data, sequences, jobs, shapes, json_out):
 
 
 @main.command()
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("data", type=Location(exists=True, file_okay=False))
+@click.argument("run_dir", type=Location(file_okay=False))
 @click.option("--fusion", type=click.Choice(["hard", "all", "none"]), default="hard", show_default=True,
               help="hard: fuse hard-class instances only (the method); all: whole previous scans (ablation).")
 @click.option("-k", "--k", "k", default=4, show_default=True, type=click.IntRange(min=1), help="Previous scans fused into each scan.")
@@ -308,7 +333,7 @@ def prepare(data, run_dir, fusion, k, align, hard_classes, splits, sequences, fr
 
 def train_options(fn):
     options = [
-        click.argument("run_dir", type=click.Path(exists=True, file_okay=False)),
+        click.argument("run_dir", type=Location(exists=True, file_okay=False)),
         click.option("--config", "config_path", default=None, help="YAML in configs/ (name) or a path; default: configs/semantickitti.yaml."),
         set_option(help="Override a config key (repeatable), e.g. --set steps=500."),
         backend_option(None, help="Sparse backend (overrides config)."),
@@ -375,7 +400,7 @@ def train_student(no_distill, **kwargs):
 
 
 @main.command("cache-teacher")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", type=Location(exists=True, file_okay=False))
 @click.option("--teacher", default=None, help="Teacher checkpoint (default RUN_DIR/teacher/model.pt).")
 @click.option("--logit-encoding", type=click.Choice(LOGIT_ENCODINGS), default=DEFAULT_LOGIT_ENCODING, show_default=True,
               help="sqB: sqrt of the probabilities at T on 2^B-1 levels; topK: K largest logits; fp16/fp32: logits "
@@ -411,17 +436,17 @@ def cache_teacher(run_dir, teacher, logit_encoding, feature_encoding, splits, fe
 
 
 @main.command("eval")
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoints", nargs=-1, required=True, type=Location(exists=True, dir_okay=False))
 @click.option("--split", default="val", show_default=True)
-@click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False), help="Dataset root (default: the one the run was prepared from).")
+@click.option("--data", "data_root", default=None, type=Location(exists=True, file_okay=False), help="Dataset root (default: the one the run was prepared from).")
 @click.option("--sequences", default=None, callback=sequence_names)
 @out_option(None, help="Where metrics and plots go (default RUN_DIR/eval).")
-@click.option("--save-labels", default=None, type=click.Path(file_okay=False), help="Write raw-id .label predictions here.")
+@click.option("--save-labels", default=None, type=Location(file_okay=False), help="Write raw-id .label predictions here.")
 @backend_option()
 @device_option()
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--max-scans", default=None, type=click.IntRange(min=1), help="Evaluate an evenly spaced subset.")
-@click.option("--teacher", default=None, type=click.Path(exists=True), metavar="RUN_DIR|MODEL.PT",
+@click.option("--teacher", default=None, type=Location(exists=True), metavar="RUN_DIR|MODEL.PT",
               help="Also report each checkpoint's transfer to this teacher: KL(teacher || student) x T^2 and argmax "
                    "agreement at the split's single-scan points (all, hard-class, per instance bucket), from the "
                    "teacher's cache where it holds the split, else the teacher run on the fused input.")
@@ -513,7 +538,7 @@ def bench(out_dir, frames, depth, repeats, gpu, quick):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", type=Location(exists=True, file_okay=False))
 @out_option(None, help="Where the PNGs go (default RUN_DIR/show).")
 @click.option("--views", default="bev,fusion,cache", show_default=True,
               help="bev: one val scan, ground truth beside each checkpoint; fusion: one hard-class instance before/after "

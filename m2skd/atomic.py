@@ -83,7 +83,14 @@ def publish(tmp: Path, path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path to write to; it replaces `path` only if the block succeeds."""
+    """Yield a temporary path to write to; it replaces `path` only if the block succeeds.
+    An fsspec URL gets a local temporary of the same name, uploaded whole (m2skd.storage.output)."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        from .storage import output
+
+        with output(path) as tmp:
+            yield tmp
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -102,6 +109,10 @@ def atomic_path(path):
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
+    if "://" in str(path) and not str(path).startswith("file://"):
+        from .storage import write_bytes
+
+        return write_bytes(path, data)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
@@ -111,4 +122,9 @@ def write_json_atomic(path, obj) -> None:
 
 
 def read_json(path) -> dict:
+    """A JSON file at a local path or fsspec URL."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        from .storage import read_bytes
+
+        return json.loads(read_bytes(path))
     return json.loads(Path(path).read_text())

@@ -8,11 +8,11 @@ checkpoint loads under any backend without its training command.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import io
 
 import torch
 
-from .atomic import atomic_path
+from . import storage
 from .errors import DataError
 from .models import build_model, resolve_backend
 from .train_config import TrainConfig
@@ -36,17 +36,19 @@ def write_checkpoint(path, model, config: dict, num_classes: int, record: dict, 
         ckpt = {"model": model.state_dict(), "adapter": adapter_state, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "history": history,
                 "record": record, "config": config, "num_classes": num_classes}
-    with atomic_path(path) as tmp:
+    # locally a temporary renamed into place; on an object store a unique object, then a pointer
+    with storage.output(path, versioned=True) as tmp:
         torch.save(ckpt, tmp)
 
 
 def read_checkpoint(path) -> dict:
     """A checkpoint dict, or one line naming the file when it is not an m2skd checkpoint."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise DataError(path, "checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        source = path if not isinstance(path, storage.ObjectPath) else io.BytesIO(storage.read_bytes(path))
+        ckpt = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as exc:  # pickle, zip and torch errors of every kind
         raise DataError(path, f"not a readable checkpoint ({type(exc).__name__}); re-run the stage that wrote it") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "num_classes"} <= set(ckpt):

@@ -8,6 +8,7 @@ run sees exactly the samples an uninterrupted one would.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ class ScanDataset(Dataset):
         self.with_cache = with_cache
         self.label_fused = label_fused
         self._readers: dict[str, RaggedReader] = {}
+        self._readers_pid = os.getpid()
         # plain arrays: cheap to pickle into loader workers, no pandas in the hot path
         self._shard = self.rows["shard"].to_numpy()
         self._index = self.rows["shard_index"].to_numpy()
@@ -65,6 +67,8 @@ class ScanDataset(Dataset):
         return len(self.rows)
 
     def _reader(self, path: Path) -> RaggedReader:
+        if self._readers_pid != os.getpid():  # a loader worker: an object store's client is per process
+            self._readers, self._readers_pid = {}, os.getpid()
         key = str(path)
         if key not in self._readers:
             self._readers[key] = RaggedReader(path)
@@ -173,7 +177,7 @@ class RawScanDataset(Dataset):
         self.voxel_size = voxel_size
         self.items = []
         for name in sequences:
-            seq = sk.Sequence(Path(data_root), name)
+            seq = sk.Sequence(data_root, name)
             self.items.extend((seq, frame) for frame in seq.frames)
         if not self.items:
             raise StaleInputError(f"{data_root}: no scans in sequences {list(sequences)}")

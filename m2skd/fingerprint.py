@@ -17,9 +17,12 @@ def fingerprint_json(obj) -> str:
 
 
 def file_fingerprint(path) -> str:
-    """Hash of a file's bytes, read in blocks (checkpoints can be hundreds of MB)."""
+    """Hash of a file's bytes, read in blocks (checkpoints can be hundreds of MB); a local path or
+    an fsspec URL, where a pointer object is followed (m2skd.storage)."""
+    from .storage import open_read
+
     h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as fh:
+    with open_read(path) as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()

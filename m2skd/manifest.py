@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .atomic import atomic_path
 from .errors import DataError
 from .fingerprint import fingerprint_json
@@ -56,10 +55,15 @@ def content_fingerprint(df: pd.DataFrame, config_fingerprint: str | None) -> str
 
 
 def read_manifest(path) -> tuple[pd.DataFrame, dict]:
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise DataError(path, "manifest not found: run `m2skd prepare` first")
-    table = pq.read_table(path)
+    if isinstance(path, storage.ObjectPath):  # through pyarrow's file system over the fsspec one
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        table = pq.read_table(path.key, filesystem=PyFileSystem(FSSpecHandler(path.fs)))
+    else:
+        table = pq.read_table(path)
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise DataError(path, "not an m2skd manifest (no m2skd metadata)")

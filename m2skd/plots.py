@@ -1,13 +1,13 @@
 """PNG reports: per-class IoU bars per checkpoint, row-normalised confusion matrix."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .storage import save_figure  # noqa: E402
 
 
 def iou_bars(results: dict[str, dict], path) -> None:
@@ -29,7 +29,7 @@ def iou_bars(results: dict[str, dict], path) -> None:
     ax.set_title("Per-class IoU (shaded: hard classes)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -47,7 +47,7 @@ def confusion_plot(conf: np.ndarray, class_names, path, title: str) -> None:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -77,7 +77,7 @@ def instance_plot(results: dict[str, dict], path) -> None:
         ax.set_title(f"Hard-class instances {title}", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -130,5 +130,5 @@ def effect_plot(by_form: dict[str, dict], path, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -11,10 +11,19 @@ sizes (a truncated chunk is reported by name, before a decompressor sees it), an
 sizes as recorded and the fixed stamp; a chunk whose stamp differs (written to since, or copied
 without its times) is hashed, and `verify` hashes all. A fixed stamp rather than a recorded
 one keeps the metadata identical from run to run (same inputs, same bits).
+
+On an object store (an fsspec URL, m2skd.storage) the group is written the same way into a local
+temporary and uploaded object by object (the same bytes as on disk), after withdrawing any earlier
+commit record; then its commit record `NAME.zarr.commit` is written last, beside the group.
+Readers require it, so a killed writer leaves nothing a reader accepts. Objects cannot be
+stamped, so the commit record holds each chunk object's stamp as listed after the upload (its
+ETag or generation): a re-run compares sizes and stamps from one listing of the group and
+hashes only the chunks whose stamp differs.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import zlib
@@ -27,6 +36,7 @@ from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from . import storage
 from .atomic import atomic_path, is_temporary
 from .errors import DataError
 
@@ -52,25 +62,49 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
     its own offsets (`<name>/offsets`), e.g. features kept only for hard-class points.
     `compression`: {field: {"cname": .., "clevel": .., "shuffle": ..}} where a field is better stored otherwise.
     """
-    path = Path(path)
+    path = storage.path(path)
+    if isinstance(path, storage.ObjectPath):
+        with storage.local_stage(path) as tmp:
+            root = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
+            return _publish_group(tmp, root, path)
     with atomic_path(path) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        written = _write_rowset(root, fields, compression or {})
-        for name, rowset in (extra_rows or {}).items():
-            written.update(_write_rowset(root.create_group(name), rowset, compression or {}))
-        per_scan = {name: np.asarray(values) for name, values in (per_scan or {}).items()}
-        written.update(_store_arrays(root, per_scan, {name: {"shape": v.shape, "dtype": v.dtype, "compressors": _compressor(v.dtype)}
-                                                      for name, v in per_scan.items()}))
-        # one metadata write (attrs.update would rewrite zarr.json once per key)
-        root.update_attributes({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
-                                "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
-                                "chunk_files": chunk_files(tmp, _relative(written, root.store_path.path)), "complete": True})
+        _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
     return dir_bytes(path)
+
+
+def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression):
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    written = _write_rowset(root, fields, compression or {})
+    for name, rowset in (extra_rows or {}).items():
+        written.update(_write_rowset(root.create_group(name), rowset, compression or {}))
+    per_scan = {name: np.asarray(values) for name, values in (per_scan or {}).items()}
+    written.update(_store_arrays(root, per_scan, {name: {"shape": v.shape, "dtype": v.dtype, "compressors": _compressor(v.dtype)}
+                                                  for name, v in per_scan.items()}))
+    # one metadata write (attrs.update would rewrite zarr.json once per key)
+    root.update_attributes({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
+                            "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
+                            "chunk_files": chunk_files(tmp, _relative(written, root.store_path.path)), "complete": True})
+    return root
 
 
 def _relative(by_key: dict, prefix: str) -> dict:
     """Store keys made relative to the group at `prefix`."""
     return {k[len(prefix) + 1:] if prefix else k: v for k, v in by_key.items()}
+
+
+COMMIT_SUFFIX = storage.COMMIT_SUFFIX  # NAME.zarr.commit beside the group on an object store
+commit_record = storage.commit_record
+
+
+def _publish_group(tmp: Path, root, dest: "storage.ObjectPath") -> int:
+    """Upload a finished local group: withdraw the old commit record and the old objects,
+    upload the new ones, then write the commit record with their stamps; returns its bytes."""
+    commit = commit_record(dest)
+    storage.remove_tree(dest)
+    listed = storage.upload_tree(tmp, dest)
+    stamps = {rel: listed[rel][1] for rel in root.attrs["chunk_files"]}
+    commit.write_bytes(json.dumps({"chunk_stamps": stamps}, sort_keys=True).encode())
+    return sum(size for size, _ in listed.values())
 
 
 def _is_chunk(rel: str) -> bool:
@@ -81,12 +115,9 @@ def file_stamp(path) -> list:
     """[size, modification time in ns] of a file: what a re-run compares instead of its bytes.
     fsspec URLs give their store's size and modification record (mtime, LastModified or ETag)."""
     path = str(path)
-    if "://" in path:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        info = fs.info(p)
-        return [int(info["size"]), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
+    if storage.is_url(path):
+        info = storage.path(path).info()
+        return [int(info["size"]), storage.object_stamp(info)]
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -116,9 +147,11 @@ def chunk_files(group_dir, written: dict[str, list] | None = None) -> dict[str, 
     return out
 
 
-def _check_chunks(path: Path, recorded: dict, hashes: bool | None) -> None:
+def _check_chunks(path: Path, recorded: dict, hashes: bool | None, stamps: dict | None = None) -> None:
     """Sizes always; hashes of every chunk (True), of none (False), or of those whose stamp
     differs from the recorded one (None)."""
+    if isinstance(path, storage.ObjectPath):
+        return _check_objects(path, recorded, hashes, stamps or {})
     for rel, (size, digest) in recorded.items():
         f = path / rel
         try:
@@ -129,6 +162,20 @@ def _check_chunks(path: Path, recorded: dict, hashes: bool | None) -> None:
             raise DataError(path, f"chunk {rel} has {st.st_size} bytes, {size} written (truncated or damaged): re-run the stage that writes it")
         check = hashes if hashes is not None else st.st_mtime_ns != CHUNK_MTIME
         if check and _hash(f) != digest:
+            raise DataError(path, f"chunk {rel} content differs from what was written (damaged): re-run the stage that writes it")
+
+
+def _check_objects(path, recorded: dict, hashes: bool | None, stamps: dict) -> None:
+    """_check_chunks on an object store: sizes and stamps from one listing of the group."""
+    listed = path.find()
+    for rel, (size, digest) in recorded.items():
+        info = listed.get(rel)
+        if info is None:
+            raise DataError(path, f"chunk {rel} is missing: re-run the stage that writes it")
+        if int(info["size"]) != size:
+            raise DataError(path, f"chunk {rel} has {info['size']} bytes, {size} written (truncated or damaged): re-run the stage that writes it")
+        check = hashes if hashes is not None else storage.object_stamp(info) != stamps.get(rel)
+        if check and f"{zlib.crc32(path.fs.cat_file((path / rel).key)):08x}" != digest:
             raise DataError(path, f"chunk {rel} content differs from what was written (damaged): re-run the stage that writes it")
 
 
@@ -252,12 +299,15 @@ def _encode_chunks(arr, flat: np.ndarray) -> dict[str, bytes] | None:
 
 
 def dir_bytes(path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return storage.tree_bytes(path)
 
 
 def list_groups(directory) -> list[Path]:
-    """Published groups (`*.zarr`, no temporaries) directly under directory/*/."""
-    directory = Path(directory)
+    """Published groups (`*.zarr`, no temporaries) directly under directory/*/; on an object
+    store those with their commit record."""
+    directory = storage.path(directory)
+    if isinstance(directory, storage.ObjectPath):
+        return [g.with_name(g.name[: -len(COMMIT_SUFFIX)]) for g in directory.glob(f"*/*.zarr{COMMIT_SUFFIX}")]
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob("*/*.zarr") if p.is_dir() and not is_temporary(p))
@@ -269,10 +319,27 @@ class RaggedReader:
     def __init__(self, path, verify_hashes: bool | None = False):
         """verify_hashes: True hashes every chunk, None those whose stamp differs, False none."""
         self.path = str(path)
-        if not Path(self.path).is_dir():
+        location = storage.path(path)
+        remote = isinstance(location, storage.ObjectPath)
+        stamps = None
+        if remote:  # the commit record, written last, is what makes the group exist
+            try:
+                stamps = json.loads(storage.read_bytes(commit_record(location)))["chunk_stamps"]
+            except (DataError, ValueError, KeyError):
+                missing = not location.is_dir()
+                raise DataError(self.path, "missing: re-run the stage that writes it" if missing else
+                                f"no valid commit record {commit_record(location).name} (an interrupted upload): "
+                                "re-run the stage that writes it") from None
+        elif not location.is_dir():
             raise DataError(self.path, "missing: re-run the stage that writes it")
         try:
-            self.group = zarr.open_group(self.path, mode="r")
+            if remote:
+                from zarr.storage import FsspecStore
+
+                store = FsspecStore.from_url(self.path, read_only=True)
+                self.group = zarr.open_group(store, mode="r", zarr_format=3)
+            else:
+                self.group = zarr.open_group(self.path, mode="r")
             attrs = dict(self.group.attrs)
         except Exception as exc:  # zarr raises several types for a missing/corrupt group
             raise DataError(self.path, f"not a readable Zarr group ({type(exc).__name__}): re-run the stage that writes it") from None
@@ -280,7 +347,7 @@ class RaggedReader:
             raise DataError(self.path, "incomplete group (no 'complete' mark): re-run the stage that writes it")
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise DataError(self.path, f"schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}: re-run the stage that writes it")
-        _check_chunks(Path(self.path), attrs.get("chunk_files", {}), verify_hashes)
+        _check_chunks(location, attrs.get("chunk_files", {}), verify_hashes, stamps)
         self.attrs = attrs
         self._rowsets = {None: (self.group, attrs["fields"])}
         self._rowsets.update({name: (self.group[name], fields) for name, fields in attrs.get("extra_rows", {}).items()})

@@ -7,8 +7,6 @@ it has and pictures of different runs line up. Colours are SemanticKITTI's offic
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+from . import storage  # noqa: E402
 
 PANEL_IN = 4.8
 FOOTER_IN = 1.0
@@ -46,8 +46,9 @@ def _figure(cols: int, rows: int = 1):
 
 
 def _save(fig, path) -> str:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(path), dpi=DPI)  # never bbox_inches="tight": the size must not depend on content
+    path = storage.path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.save_figure(fig, path, dpi=DPI)  # never bbox_inches="tight": the size must not depend on content
     plt.close(fig)
     return str(path)
 

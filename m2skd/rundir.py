@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import storage
 from .atomic import read_json
 from .dataset_spec import load_spec
 from .errors import StaleInputError
@@ -17,15 +18,17 @@ MODEL_FILE = "model.pt"
 
 @dataclass(frozen=True)
 class RunDir:
+    """root: a local path or an fsspec URL (m2skd.storage); every location below is built from it."""
+
     root: Path
 
     def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", storage.path(self.root))
 
     @classmethod
     def of_model(cls, path) -> "RunDir":
         """The run directory a RUN/<name>/model.pt belongs to."""
-        return cls(Path(path).resolve().parent.parent)
+        return cls(storage.path(path).resolve().parent.parent)
 
     @property
     def prepare(self) -> Path:
@@ -99,7 +102,7 @@ class RunDir:
 
 def model_label(path) -> str:
     """RUN/student/model.pt -> 'student'; any other checkpoint file -> its stem."""
-    path = Path(path)
+    path = storage.path(path)
     return path.parent.name if path.name == MODEL_FILE else path.stem
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import storage
 from .atomic import write_bytes_atomic
 from .errors import DataError
 
@@ -19,11 +20,8 @@ POINT_BYTES = 16  # x, y, z, remission as float32
 
 def read_bytes(path) -> bytes:
     path = str(path)
-    if "://" in path:
-        import fsspec
-
-        with fsspec.open(path, "rb") as fh:
-            return fh.read()
+    if storage.is_url(path):
+        return storage.read_bytes(path)
     try:
         with open(path, "rb") as fh:
             return fh.read()
@@ -136,10 +134,13 @@ def transform(points_xyz: np.ndarray, T: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Sequence:
-    """One sequence directory of a SemanticKITTI-layout dataset."""
+    """One sequence directory of a SemanticKITTI-layout dataset (root: a path or fsspec URL)."""
 
     root: Path
     name: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", storage.path(self.root))
 
     @property
     def path(self) -> Path:
@@ -184,7 +185,7 @@ class Sequence:
 
 
 def list_sequences(root) -> list[str]:
-    seq_dir = Path(root) / "sequences"
+    seq_dir = storage.path(root) / "sequences"
     if not seq_dir.is_dir():
         raise DataError(seq_dir, "not found: expected a SemanticKITTI layout (ROOT/sequences/NN/velodyne/*.bin)")
     return sorted(p.name for p in seq_dir.iterdir() if (p / "velodyne").is_dir())

@@ -4,6 +4,8 @@ optionally distilled from the teacher cache). Step-based, exactly resumable, DDP
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 
 import numpy as np
@@ -11,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .atomic import read_json, sweep_temporaries, write_json_atomic
+from . import storage
+from .atomic import read_json, write_json_atomic
 from .checkpoint import model_from_config, read_checkpoint, restore_training, write_checkpoint
 from .dataset import ResumableBatchSampler, ScanDataset, collate, to_device
 from .distributed import DistributedContext, world_size
@@ -95,7 +98,8 @@ def check_cache_current(run: RunDir, cfg: TrainConfig, manifest_fingerprint: str
     if record.get("manifest_fingerprint") != manifest_fingerprint:
         raise StaleInputError(f"{record_path}: made from other prepared shards (manifest {record.get('manifest_fingerprint')} "
                               f"!= {manifest_fingerprint}); {rerun}")
-    teacher = run.root / record.get("teacher", "")  # relative to the run directory, or absolute
+    teacher = record.get("teacher", "")  # relative to the run directory, or absolute (a path or URL)
+    teacher = storage.path(teacher) if storage.is_url(teacher) else run.root / teacher
     if not teacher.is_file():
         raise StaleInputError(f"{record_path}: its teacher {teacher} is gone; {rerun}")
     now = file_fingerprint(teacher)
@@ -227,9 +231,32 @@ def resume_from(last, record: dict, total_steps: int, allow_world_size_change: b
 
 
 def tensorboard_writer(run: RunDir, name: str, start_step: int):
+    """A SummaryWriter; for a run directory on an object store it writes to a local temporary
+    folder whose files `sync_events` copies there (event files are appended to, objects cannot be)."""
     from torch.utils.tensorboard import SummaryWriter  # slow to import: only the main rank needs it
 
-    return SummaryWriter(str(run.tensorboard(name)), purge_step=start_step)
+    target = run.tensorboard(name)
+    if not isinstance(target, storage.ObjectPath):
+        return SummaryWriter(str(target), purge_step=start_step)
+    local = storage.staging_root() / f"tensorboard-{name}.tmp-{storage._HOST}-{os.getpid()}"
+    writer = SummaryWriter(str(local), purge_step=start_step)
+    writer.m2skd_target = (local, target)
+    return writer
+
+
+def sync_events(writer, close: bool = False) -> None:
+    """Copy a remote run's event files to it (no-op for a local run directory)."""
+    if writer is None:
+        return
+    local_target = getattr(writer, "m2skd_target", None)
+    if close:
+        writer.close()
+    elif local_target is not None:
+        writer.flush()
+    if local_target is not None:
+        storage.put_tree(*local_target)
+        if close:
+            shutil.rmtree(local_target[0], ignore_errors=True)
 
 
 def validate(model, loader: DataLoader, spec, cfg: TrainConfig, ctx: DistributedContext) -> dict:
@@ -274,7 +301,7 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
     record = {**training_record(role, name, cfg, train_set.manifest_fingerprint, cache_record, ctx.world), "backend": backend}
     last = run.last_checkpoint(name)
     if ctx.main:
-        sweep_temporaries(run.model_dir(name))
+        storage.sweep(run.model_dir(name))
     start_step, history = 0, []
     if resume and last.exists():
         start_step, history = resume_from(last, record, total_steps, allow_world_size_change, model, adapter, optimizer,
@@ -312,12 +339,12 @@ def train(run_dir, role: str, cfg: TrainConfig, name: str | None = None, resume:
         if ctx.main and (step % cfg.checkpoint_every == 0 or step == total_steps):
             write_checkpoint(last, model, cfg.to_dict(), spec.num_classes, record, history, step, adapter,
                              optimizer, scheduler, scaler)
+            sync_events(writer)
         if callback and ctx.main:
             callback(step, total_steps, logs)
         if stop_after is not None and step - start_step >= stop_after:
             break
-    if writer:
-        writer.close()
+    sync_events(writer, close=True)
 
     result = {**record, "device": str(ctx.device), "steps_done": step, "total_steps": total_steps,
               "seconds": time.perf_counter() - t_start, "history": history, "checkpoint": None}

@@ -9,6 +9,7 @@ Budgets are checked as ratios from this one run; results go to bench-<machine>.j
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -25,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from m2skd import semantickitti as sk
+from m2skd import storage
 from m2skd.checkpoint import load_checkpoint, write_checkpoint
 from m2skd.dataset import ScanDataset, collate, to_device
 from m2skd.fusion import FusionConfig
@@ -189,6 +191,86 @@ def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
             "bytes_per_single_point": summary["bytes_per_single_point"],
             "median_points_per_hard_instance_single": summary["median_points_per_hard_instance_single"],
             "median_points_per_hard_instance_fused": summary["median_points_per_hard_instance_fused"], "run": str(run)}
+
+
+# --- object store -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def local_s3_server():
+    """An S3-protocol server (moto, in its own process so it does not share this one's
+    interpreter) on 127.0.0.1 with one bucket; yields the bucket's URL. The endpoint reaches
+    s3fs through AWS_ENDPOINT_URL, as a user's would."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage._FS_CACHE.clear()
+    try:
+        for _ in range(200):  # up in about a second
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        storage.filesystem("s3://m2skd-bench").mkdir("m2skd-bench")
+        yield "s3://m2skd-bench"
+    finally:
+        storage._FS_CACHE.clear()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.terminate()
+        server.wait()
+
+
+def epoch_reads(run, scans: int | None = None) -> float:
+    """Seconds to read every train scan once as the teacher's loader does (fused points and
+    labels, one contiguous slice per field), without the voxelisation a step adds."""
+    spec = spec_for_run(RunDir(run))
+    dataset = ScanDataset(run, spec, ("train",), "fused", 0.05)
+    t0 = time.perf_counter()
+    for i in range(len(dataset) if scans is None else min(scans, len(dataset))):
+        reader = dataset._reader(dataset.run.prepare / dataset._shard[i])
+        reader.read(int(dataset._index[i]), names=["points", "label"])
+    return time.perf_counter() - t0
+
+
+def bench_object_store(data: Path, work: Path, sequences) -> dict:
+    """prepare (1 job) and one epoch's reads with the run directory on a local S3 server (moto)
+    against local disk, side by side in this run; None without s3fs and moto[server]."""
+    try:
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        return {"skipped": f"needs s3fs and moto[server] ({exc.name} missing)"}
+    cfg = PrepareConfig(FusionConfig(k=4), frames_per_shard=8)
+    local = work / "prep_store_local"
+    shutil.rmtree(local, ignore_errors=True)
+    with local_s3_server() as bucket:
+        remote = f"{bucket}/run"
+        seconds = {}
+        for name, run in (("local", local), ("s3", remote)):
+            t0 = time.perf_counter()
+            summary = run_prepare(data, run, cfg, jobs=1, sequences=sequences)
+            seconds[f"prepare_{name}"] = time.perf_counter() - t0
+            seconds[f"rerun_{name}"] = timed(lambda: run_prepare(data, run, cfg, jobs=1, sequences=sequences), 1, warmup=0)
+        reads = timed_in_turns({"local": lambda: epoch_reads(local), "s3": lambda: epoch_reads(remote)}, repeats=2)
+    scans = summary["scans"]
+    return {"scans": scans, "prepare_local_s": seconds["prepare_local"], "prepare_s3_s": seconds["prepare_s3"],
+            "prepare_s3_vs_local_time": seconds["prepare_s3"] / seconds["prepare_local"],
+            "rerun_local_s": seconds["rerun_local"], "rerun_s3_s": seconds["rerun_s3"],
+            "epoch_reads_local_s": reads["local"], "epoch_reads_s3_s": reads["s3"],
+            "epoch_reads_s3_vs_local_time": reads["s3"] / reads["local"]}
 
 
 # --- teacher cache encodings --------------------------------------------------------------
@@ -442,8 +524,9 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
     """announce(name) at the start of each stage; progress(total=, advance=) counts the stages."""
     if gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu: no CUDA device visible to PyTorch")
-    out_dir = Path(out_dir)
-    work = out_dir / "work"
+    out_dir = storage.path(out_dir)
+    # the scratch data is local whatever --out is: the rows measure this machine's disk (and the S3 row a local server)
+    work = out_dir / "work" if isinstance(out_dir, Path) else Path(tempfile.mkdtemp(prefix="m2skd-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if gpu else "cpu")
     cores = os.cpu_count() or 1
@@ -461,7 +544,7 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
         tell(name)
 
     if progress:
-        progress(total=8 + len(variants))
+        progress(total=9 + len(variants))
     data = work / "data"
     synth_cfg = SynthConfig() if not quick else SynthConfig(beams=32, azimuth_steps=1024)
     result: dict = {"machine": machine_name(), "torch": torch.__version__, "device": str(device), "frames": frames,
@@ -474,6 +557,8 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
     announce("prepare")
     result["prepare"] = bench_prepare(data, work, ("00", "08"), cores)
     run = Path(result["prepare"]["run"])
+    announce("object store: prepare and epoch reads on a local S3 server vs local disk")
+    result["object_store"] = bench_object_store(data, work, ("00", "08"))
 
     announce("teacher (a few steps, for cache and loader rows)")
     tiny = dataclasses.replace(load_config("demo"), steps=3, voxel_size=0.05, workers=0, val_every=10**9, checkpoint_every=10**9, backend="torch")
@@ -556,6 +641,14 @@ def format_table(result: dict) -> str:
         f"hard instance points      median {p['median_points_per_hard_instance_single']:.0f} single -> {p['median_points_per_hard_instance_fused']:.0f} fused",
         f"input pipeline            {result['loader']['scans_per_s_per_worker']:.2f} scans/s per worker (read, augment, voxelise, cached targets)",
     ]
+    st = result.get("object_store") or {}
+    if "skipped" in st:
+        lines.append(f"object store (S3)         skipped: {st['skipped']}")
+    elif st:
+        lines.append(f"object store (S3, moto)   prepare {st['prepare_s3_s']:.1f} s vs {st['prepare_local_s']:.1f} s local "
+                     f"(x{st['prepare_s3_vs_local_time']:.2f}); re-run {st['rerun_s3_s']:.2f} vs {st['rerun_local_s']:.2f} s; "
+                     f"one epoch's reads ({st['scans']} scans) {st['epoch_reads_s3_s']:.2f} vs {st['epoch_reads_local_s']:.2f} s "
+                     f"(x{st['epoch_reads_s3_vs_local_time']:.2f})")
     for r in result["train_step"]:
         lines.append(f"train step {r['backend']:<9} {r['amp']:<4} MinkUNet{r['depth']}: baseline {r['baseline_s']:.2f} s, "
                      f"distilled {r['distilled_s']:.2f} s (x{r['distilled_vs_baseline_step']:.2f}), online teacher {r['online_s']:.2f} s "

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m2skd.atomic import sweep_temporaries, write_json_atomic
+from m2skd import storage
+from m2skd.atomic import write_json_atomic
 from m2skd.checkpoint import check_num_classes, load_checkpoint, read_checkpoint
 from m2skd.distributed import resolve_device
 from m2skd.errors import DataError, StaleInputError
@@ -120,7 +121,7 @@ def teacher_reference(run: RunDir, teacher_path: Path) -> str:
     run directory still names its own teacher."""
     try:
         return teacher_path.relative_to(run.root.resolve()).as_posix()
-    except ValueError:
+    except (ValueError, TypeError):  # elsewhere, or on another file system
         return str(teacher_path)
 
 
@@ -148,7 +149,7 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     run = RunDir(run_dir)
-    teacher_path = Path(teacher_path or run.model("teacher")).resolve()
+    teacher_path = storage.path(teacher_path or run.model("teacher")).resolve()
     manifest, meta = read_manifest(run.manifest)
     ckpt = check_teacher(run, teacher_path, meta)
     prepare_fp = meta["config_fingerprint"]
@@ -165,7 +166,7 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
         got = RaggedReader(run.prepare / shard).attrs.get("config_fingerprint")
         if got != prepare_fp:
             raise StaleInputError(f"{run.prepare / shard}: made with prepare config {got}, manifest says {prepare_fp}; re-run prepare")
-    sweep_temporaries(run.teacher_cache)
+    storage.sweep(run.teacher_cache)
     if progress:
         progress(total=int(rows.shape[0]))
     results = run_tasks(lambda s: ensure_cache_shard(s, run, str(teacher_path), cfg, attrs, overwrite, verify), shards, jobs,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from m2skd import storage
 from m2skd.fusion import FusionConfig
 from m2skd.stats import paired_effect
 from m2skd.atomic import write_json_atomic
@@ -130,7 +131,7 @@ def distillation_effect(table, pairs: list[tuple[str, str]]) -> dict:
 def run_dir_for(out_dir, fusion: str = "hard") -> Path:
     """OUT/run holds the method's (hard-fused) data and teacher, and the baselines; a control
     teacher of another fusion mode has its own prepared data and cache in OUT/run-<fusion>."""
-    return Path(out_dir) / ("run" if fusion == "hard" else f"run-{fusion}")
+    return storage.path(out_dir) / ("run" if fusion == "hard" else f"run-{fusion}")
 
 
 def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "auto", overrides: dict | None = None,
@@ -140,7 +141,7 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
     training overrides the students use. `fusion` picks the teacher's input (prepare's
     --fusion), in its own run directory (run_dir_for); the synthetic data is shared."""
     s = SIZES[size]
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     data, run = out / "data", run_dir_for(out, fusion)
     announce = on_stage or (lambda name: None)
     bar = progress_factory or (lambda name: None)

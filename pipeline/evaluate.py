@@ -11,6 +11,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from m2skd import semantickitti as sk
+from m2skd import storage
 from m2skd.dataset import RawScanDataset, collate
 from m2skd.dataset_spec import load_spec
 from m2skd.errors import DataError, StaleInputError
@@ -54,10 +55,10 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
              device=None, workers=2, batch_size=1, max_scans=None, progress=None, teacher=None) -> dict:
     """Metrics of each checkpoint; with `teacher` (a teacher model.pt in its run directory) also
     each one's transfer diagnostic to it on the same scans (`transfer_diagnostic`)."""
-    checkpoints = [Path(c) for c in checkpoints]
+    checkpoints = [storage.path(c) for c in checkpoints]
     device = resolve_device(device)
     data_root = resolve_data(checkpoints[0], data_root)
-    out_dir = Path(out_dir or RunDir.of_model(checkpoints[0]).eval)
+    out_dir = storage.path(out_dir or RunDir.of_model(checkpoints[0]).eval)
     results = {}
     for ckpt_path in checkpoints:
         spec = spec_for_checkpoint(ckpt_path)
@@ -69,7 +70,7 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
         label = model_label(ckpt_path)
         if progress:
             progress(total=len(dataset), postfix={"checkpoint": label})
-        writer = _label_writer(dataset, spec, Path(save_labels) / label) if save_labels else None
+        writer = _label_writer(dataset, spec, storage.path(save_labels) / label) if save_labels else None
         labelled = all(seq.has_labels for seq, _ in dataset.items)
         instances = InstanceAccumulator()
 
@@ -95,16 +96,16 @@ def run_eval(checkpoints, split="val", data_root=None, sequences=None, out_dir=N
         results[label] = summary
     out_dir.mkdir(parents=True, exist_ok=True)
     table = comparison_table(results)
-    table.to_csv(out_dir / "metrics.csv", index=False)
+    storage.write_csv(table, out_dir / "metrics.csv")
     write_json_atomic(out_dir / METRICS_FILE, results)
     iou_bars(results, out_dir / "per_class_iou.png")
     instances = instance_table(results)
     if len(instances):
-        instances.to_csv(out_dir / "instances.csv", index=False)
+        storage.write_csv(instances, out_dir / "instances.csv")
         instance_plot(results, out_dir / "instances.png")
     transfer = transfer_table(results)
     if len(transfer):
-        transfer.to_csv(out_dir / "transfer.csv", index=False)
+        storage.write_csv(transfer, out_dir / "transfer.csv")
     for label, summary in results.items():
         confusion_plot(np.array(summary["confusion"]), summary["class_names"], out_dir / f"confusion_{label}.png", f"{label}: confusion (row-normalised)")
     return {"results": results, "table": table, "instances": instances, "transfer": transfer, "out_dir": str(out_dir)}
@@ -167,7 +168,7 @@ def teacher_targets(teacher, split: str, backend="auto", device=None):
     with the fused input the teacher saw. Its cache is read where it holds `split` and was made
     by this very teacher from these shards (source "cache"); otherwise the teacher is run on the
     fused input (source "teacher")."""
-    teacher = Path(teacher)
+    teacher = storage.path(teacher)
     if teacher.is_dir():
         teacher = RunDir(teacher).model("teacher")
     run = RunDir.of_model(teacher)

@@ -13,15 +13,15 @@ complete shard in the run directory, so preparing some splits or sequences adds 
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from m2skd import semantickitti as sk
+from m2skd import storage
 from m2skd.dataset_spec import DatasetSpec, load_spec
-from m2skd.atomic import sweep_temporaries, write_json_atomic
+from m2skd.atomic import write_json_atomic
 from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_bytes, fingerprint_json
 from m2skd.fusion import Frame, FusionConfig, fuse, instance_keys, instance_occupancy
@@ -102,7 +102,7 @@ def ensure_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict
 
 def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
     """Fuse and write the frames at positions [start, stop) of one sequence; returns the shard's summary."""
-    seq = sk.Sequence(Path(task.data_root), task.sequence)
+    seq = sk.Sequence(task.data_root, task.sequence)
     numbered = seq.numbered_frames()
     poses = seq.poses()
     labelled = seq.has_labels
@@ -134,7 +134,7 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
                 "sequence": task.sequence, "frame": i, "frame_name": name, "split": task.split,
                 "has_labels": labelled, "n_single": n_single, "n_fused": n_fused,
                 "n_hard_instances": len(fused.instance_points_single),
-                "shard": Path(task.path).relative_to(Path(task.path).parents[2]).as_posix(),  # shards/SEQ/NAME
+                "shard": storage.path(task.path).relative_to(storage.path(task.path).parents[2]).as_posix(),  # shards/SEQ/NAME
                 "shard_index": len(rows), "row_start": row_start, "row_stop": row_start + n_single + n_fused,
                 "fingerprint": fp,
                 "class_points_single": (np.bincount(frame.train, minlength=spec.num_classes)
@@ -164,7 +164,7 @@ def plan(data_root, run: RunDir, cfg: PrepareConfig, spec: DatasetSpec, splits=N
         split = spec.split_of(name)
         if (splits and split not in splits) or (sequences and name not in sequences):
             continue
-        numbered = sk.Sequence(Path(data_root), name).numbered_frames()
+        numbered = sk.Sequence(data_root, name).numbered_frames()
         for start in range(0, len(numbered), cfg.frames_per_shard):
             stop = min(len(numbered), start + cfg.frames_per_shard)
             path = run.shards / name / f"{numbered[start][0]:06d}-{numbered[stop - 1][0]:06d}.zarr"
@@ -256,12 +256,12 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
         spec = spec.with_hard_classes(cfg.hard_classes)
     cfg = PrepareConfig(cfg.fusion, cfg.frames_per_shard, cfg.dataset, spec.hard_classes)
     run = RunDir(run_dir)
-    data_root = str(Path(data_root).resolve())
+    data_root = str(storage.path(data_root).resolve())
     record = {"config": cfg.to_dict(), "config_fingerprint": cfg.fingerprint(), "data_root": data_root}
     tasks = plan(data_root, run, cfg, spec, splits, sequences, overwrite, verify)
     if not tasks:
         raise StaleInputError(f"{data_root}: no sequences match splits={splits} sequences={sequences}")
-    swept = sweep_temporaries(run.prepare)
+    swept = storage.sweep(run.prepare)
     stale = check_existing_shards(run, record, {t.path for t in tasks}, overwrite)
     if progress:
         progress(total=sum(t.stop - t.start for t in tasks))
@@ -271,7 +271,7 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
         dask_scheduler=dask_scheduler,
     )
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        storage.remove_tree(path)
     rows, nbytes = manifest_rows(run)
     df = write_manifest(rows, run.manifest, {"stage": "prepare", **record})
     write_json_atomic(run.prepare_record, record)  # last: a failed prepare leaves no record

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m2skd import storage
 from m2skd.atomic import write_json_atomic
 from m2skd.instances import instance_key
 from m2skd.errors import M2SKDError, StaleInputError
@@ -39,7 +40,7 @@ def default_checkpoints(run: RunDir) -> list[Path]:
 
 
 def resolve_checkpoint(run: RunDir, name_or_path) -> Path:
-    path = Path(name_or_path)
+    path = storage.path(name_or_path)
     if path.is_file():
         return path
     path = run.model(str(name_or_path))
@@ -84,7 +85,7 @@ def run_show(run_dir, out_dir=None, checkpoints=None, views=VIEWS, scan=None, ca
     bad = set(views) - set(VIEWS)
     if bad:
         raise M2SKDError(f"--views: unknown views {', '.join(sorted(bad))}; choose from {', '.join(VIEWS)}")
-    out = Path(out_dir) if out_dir else run.show
+    out = storage.path(out_dir) if out_dir else run.show
     spec = spec_for_run(run)
     manifest, _ = read_manifest(run.manifest)
     colours = class_colours(spec)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from m2skd import dataset_stats as ds
 from m2skd import semantickitti as sk
+from m2skd import storage
 from m2skd.dataset_spec import DatasetSpec, load_spec
 from m2skd.errors import DataError
 
@@ -18,7 +19,7 @@ def run_stats(data_root, sequences=None, spec: DatasetSpec | None = None, jobs: 
     labelled sequence), for all of them together and for each split present. `max_scans`
     keeps, per split, the scans an eval limited to that many looks at."""
     spec = spec or load_spec()
-    root = Path(data_root)
+    root = storage.path(data_root)
     names = list(sequences) if sequences else sk.list_sequences(root)
     tasks = []
     for name in names:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from m2skd import storage
 from m2skd.atomic import read_json, write_json_atomic
 from m2skd.errors import StaleInputError
 from m2skd.fusion import FUSION_MODES
@@ -83,7 +84,11 @@ def check_existing(run: Path, configs: dict) -> None:
 
 
 def _stamp(path: Path) -> dict:
-    st = Path(path).stat()
+    p = storage.path(path)
+    if isinstance(p, storage.ObjectPath):  # a checkpoint's pointer: rewritten whenever the checkpoint is
+        info = p.info()
+        return {"size": int(info["size"]), "stamp": storage.object_stamp(info)}
+    st = p.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
@@ -93,7 +98,7 @@ def evaluate_each(run: Path, checkpoints: dict[str, str], data, max_scans, backe
     results = {}
     for name, ckpt in checkpoints.items():
         out = RunDir(run).study_eval(name)
-        key = {"checkpoint": _stamp(ckpt), "max_scans": max_scans, "split": "val", "data": str(Path(data).resolve())}
+        key = {"checkpoint": _stamp(ckpt), "max_scans": max_scans, "split": "val", "data": str(storage.path(data).resolve())}
         stamp = out / "stamp.json"
         if stamp.is_file() and (out / METRICS_FILE).is_file() and read_json(stamp) == key:
             results[name] = next(iter(read_json(out / METRICS_FILE).values()))
@@ -250,7 +255,7 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
     table = pd.DataFrame(rows)
     out = RunDir(run).study
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "study.csv", index=False)
+    storage.write_csv(table, out / "study.csv")
     effect_plot({f"teacher {t}, {arm}": eff for t, by_arm in by_teacher_arm.items() for arm, eff in by_arm.items()},
                 out / "study.png", title=f"Distillation effect over {len(seeds)} paired seeds "
                                          f"(dot: mean, bar: 95% t-interval, ticks: seeds)")

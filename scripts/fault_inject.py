@@ -7,7 +7,11 @@ kill that nothing published is corrupt; then let it finish (re-run / --resume) a
 outputs with the reference bit for bit; no temporary may be left behind.
 
     python scripts/fault_inject.py --kills 20 --work /tmp/fi     # 20 kills per stage
-The test suite runs it with --kills 2. Prints one JSON summary line; exit code 1 on a mismatch.
+    python scripts/fault_inject.py --kills 5 --work /tmp/fi --run-url s3://bucket/fi --stages prepare,cache-teacher
+With --run-url the killed stages write to that fsspec URL (an object store: no rename) and are
+compared with the reference run on local disk; --stages picks the stages to kill (the others
+run once, uninterrupted, as inputs of the next). The test suite runs it with --kills 2. Prints
+one JSON summary line; exit code 1 on a mismatch.
 """
 from __future__ import annotations
 
@@ -31,7 +35,10 @@ TINY_CONFIG = {"depth": 18, "widths": [8, 16, 16, 16, 16, 16, 12, 12], "stem_wid
                "log_every": 1}
 
 
-def stage_commands(data: Path, run: Path, config: Path) -> dict[str, list[str]]:
+STAGES = ("prepare", "train-teacher", "cache-teacher", "train-student")
+
+
+def stage_commands(data: Path, run, config: Path) -> dict[str, list[str]]:
     cli = [sys.executable, "-m", "m2skd"]
     train = ["--config", str(config), "--resume"]
     return {
@@ -62,17 +69,24 @@ def kill_after(cmd: list[str], env: dict, delay: float) -> bool:
         return True
 
 
-def temporaries(run: Path) -> list[str]:
-    from m2skd.atomic import is_temporary
+def temporaries(run) -> list[str]:
+    """Temporaries on disk; on an object store, unreferenced checkpoint objects and groups
+    without their commit record (m2skd.storage.leftovers)."""
+    from m2skd.storage import leftovers
 
-    return sorted(str(p) for p in run.rglob("*") if is_temporary(p))
+    return leftovers(run)
 
 
-def corrupt_outputs(run: Path) -> list[str]:
-    """Published groups whose chunks differ from what was written, or unreadable JSON/manifest."""
+def corrupt_outputs(run) -> list[str]:
+    """Published groups whose chunks differ from what was written, or unreadable JSON/manifest/checkpoints."""
+    from m2skd.checkpoint import read_checkpoint
     from m2skd.manifest import read_manifest
     from m2skd.ragged import list_groups, verify_group
+    from m2skd.storage import path as location
 
+    run = location(run)
+    if not run.exists():
+        return []
     bad = [str(p) for d in (run / "prepare/shards", run / "teacher_cache/shards") for p in list_groups(d) if not verify_group(p)]
     for f in run.rglob("*.json"):
         if "tensorboard" in f.parts or ".zarr" in str(f):
@@ -80,6 +94,11 @@ def corrupt_outputs(run: Path) -> list[str]:
         try:
             json.loads(f.read_text())
         except ValueError:
+            bad.append(str(f))
+    for f in run.rglob("*.pt"):
+        try:
+            read_checkpoint(f)
+        except Exception:  # noqa: BLE001 - a published checkpoint must load
             bad.append(str(f))
     if (run / "prepare/manifest.parquet").exists():
         try:
@@ -89,12 +108,12 @@ def corrupt_outputs(run: Path) -> list[str]:
     return bad
 
 
-def same_groups(a_dir: Path, b_dir: Path) -> list[str]:
+def same_groups(a_dir, b_dir) -> list[str]:
     from m2skd.ragged import RaggedReader, list_groups
 
     diffs = []
-    a_groups = [p.relative_to(a_dir) for p in list_groups(a_dir)]
-    if a_groups != [p.relative_to(b_dir) for p in list_groups(b_dir)]:
+    a_groups = [p.relative_to(a_dir).as_posix() for p in list_groups(a_dir)]
+    if a_groups != [p.relative_to(b_dir).as_posix() for p in list_groups(b_dir)]:
         return [f"{b_dir}: other shards"]
     for rel in a_groups:
         ra, rb = RaggedReader(a_dir / rel), RaggedReader(b_dir / rel)
@@ -106,9 +125,10 @@ def same_groups(a_dir: Path, b_dir: Path) -> list[str]:
     return diffs
 
 
-def compare(stage: str, ref: Path, run: Path) -> list[str]:
+def compare(stage: str, ref: Path, run) -> list[str]:
     import torch
 
+    from m2skd.checkpoint import read_checkpoint
     from m2skd.manifest import read_manifest
     from m2skd.rundir import RunDir
 
@@ -118,12 +138,11 @@ def compare(stage: str, ref: Path, run: Path) -> list[str]:
         db, _ = read_manifest(b.manifest)
         return ([] if da.equals(db) else ["manifest differs"]) + same_groups(a.shards, b.shards)
     if stage == "cache-teacher":
-        ca, cb = (json.loads(d.cache_record.read_text()) for d in (a, b))
+        ca, cb = (json.loads(d.cache_record.read_bytes()) for d in (a, b))
         diffs = [] if ca["cache_fingerprint"] == cb["cache_fingerprint"] else ["cache fingerprint differs"]
         return diffs + same_groups(a.teacher_cache / "shards", b.teacher_cache / "shards")
     name = "teacher" if stage == "train-teacher" else "student"
-    sa = torch.load(a.model(name), weights_only=False)["model"]
-    sb = torch.load(b.model(name), weights_only=False)["model"]
+    sa, sb = (read_checkpoint(d.model(name))["model"] for d in (a, b))
     return [f"{name}/model.pt: {k}" for k in sa if not torch.equal(sa[k], sb[k])]
 
 
@@ -132,11 +151,16 @@ def main(argv=None) -> int:
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs per stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (data, ref/, run/)")
+    parser.add_argument("--run-url", default=None, help="the killed run's directory as an fsspec URL (default WORK/run)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to kill (the others run once)")
     args = parser.parse_args(argv)
+    kill_stages = [s for s in args.stages.split(",") if s]
+    if set(kill_stages) - set(STAGES):
+        parser.error(f"--stages: choose from {','.join(STAGES)}")
     rng = random.Random(args.seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     work = args.work
-    data, ref, run = work / "data", work / "ref", work / "run"
+    data, ref, run = work / "data", work / "ref", args.run_url or work / "run"
     config = work / "tiny.yaml"
     work.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps(TINY_CONFIG))  # JSON is YAML
@@ -146,8 +170,11 @@ def main(argv=None) -> int:
     summary = {"kills_per_stage": args.kills, "stages": {}}
     failed = False
     ref_cmds, run_cmds = stage_commands(data, ref, config), stage_commands(data, run, config)
-    for stage in ref_cmds:
+    for stage in list(ref_cmds)[: max(STAGES.index(s) for s in kill_stages) + 1]:  # none after the last killed one
         seconds = run_to_end(ref_cmds[stage], env)
+        if stage not in kill_stages:
+            run_to_end(run_cmds[stage], env)
+            continue
         landed, corrupt = 0, []
         for _ in range(args.kills):
             landed += kill_after(run_cmds[stage], env, rng.uniform(0.2, seconds))

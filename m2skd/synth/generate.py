@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import dataset_stats as ds
 from .. import semantickitti as sk
+from .. import storage
 from ..atomic import write_bytes_atomic
 from ..dataset_spec import DatasetSpec, load_spec
 from ..dataset_stats import ScanInstances, label_stats
@@ -68,7 +69,7 @@ def generate_dataset(out_dir, sequences=("00",), frames: int = 20, seed: int = 0
     bad = [s for s in sequences if not s.isalnum()]
     if bad or not sequences or len(set(sequences)) != len(sequences):
         raise SynthConfigError(f"sequence names must be distinct and alphanumeric (like 00, 08), got {sequences}")
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)  # a local folder or an fsspec URL
     per_sequence, all_stats = {}, []
     for name in sequences:
         labelled = spec.split_of(name) != "test"
