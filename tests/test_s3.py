@@ -211,7 +211,7 @@ def test_dataset_root_on_s3(small_dataset, tmp_path, s3):
 
 
 def test_prepare_on_dask_writes_the_local_bytes_to_s3(small_dataset, tmp_path, s3):
-    distributed = pytest.importorskip("distributed")
+    import distributed  # in the test extra: a missing package fails here rather than skipping
     local, remote = tmp_path / "local", f"{s3}/dask/run"
     sum_local = run_prepare(small_dataset, local, PREPARE)
     # the workers are started after the s3 fixture set the endpoint: they reach the store as users' would
