@@ -62,6 +62,28 @@ def path(location):
 _FS_CACHE: dict = {}
 
 
+@contextlib.contextmanager
+def s3_endpoint(endpoint: str, bucket: str, key: str = "m2skd"):
+    """Point s3fs at an S3-protocol server through the environment, as a user's settings would
+    (AWS_ENDPOINT_URL and credentials), with `bucket` made; yields the bucket's URL and puts the
+    environment back afterwards. For local servers (tests, the bench)."""
+    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": key, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    _FS_CACHE.clear()
+    try:
+        filesystem(f"s3://{bucket}").mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        _FS_CACHE.clear()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def filesystem(url: str):
     """The fsspec file system of a URL (one per protocol and process, configured by the client's
     environment); a missing client is one line saying what to install."""

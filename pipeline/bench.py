@@ -209,26 +209,15 @@ def local_s3_server():
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage._FS_CACHE.clear()
     try:
         for _ in range(200):  # up in about a second
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.05)
-        storage.filesystem("s3://m2skd-bench").mkdir("m2skd-bench")
-        yield "s3://m2skd-bench"
+        with storage.s3_endpoint(f"http://127.0.0.1:{port}", "m2skd-bench") as bucket:
+            yield bucket
     finally:
-        storage._FS_CACHE.clear()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.terminate()
         server.wait()
 

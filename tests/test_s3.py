@@ -7,7 +7,6 @@ user's would, and so reach the subprocesses and Dask workers too.
 """
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -44,21 +43,10 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage._FS_CACHE.clear()
     try:
-        storage.filesystem("s3://m2skd-test").mkdir("m2skd-test")
-        yield "s3://m2skd-test"
+        with storage.s3_endpoint(f"http://{host}:{port}", "m2skd-test") as bucket:
+            yield bucket
     finally:
-        storage._FS_CACHE.clear()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 
