@@ -22,7 +22,7 @@ hashes only the chunks whose stamp differs.
 """
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -34,7 +34,8 @@ import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
 
 from . import storage
 from .atomic import atomic_path, is_temporary
@@ -65,44 +66,63 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
     path = storage.path(path)
     if isinstance(path, storage.ObjectPath):
         with storage.local_stage(path) as tmp:
-            root = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
-            return _publish_group(tmp, root, path)
+            root_attrs = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
+            return _publish_group(tmp, root_attrs, path)
     with atomic_path(path) as tmp:
         _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
     return dir_bytes(path)
 
 
-def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression):
-    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    written = _write_rowset(root, fields, compression or {})
+def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression) -> dict:
+    """Every file of the group into the new directory `tmp`; returns the root's attributes.
+    Metadata documents are made in memory (zarr's own metadata classes serialise them, so the
+    files are those zarr writes) and the root's, which lists the chunk files, is written last."""
+    files = _Files(Path(tmp))
+    compression = compression or {}
+    written = _write_rowset(files, "", fields, compression)
     for name, rowset in (extra_rows or {}).items():
-        written.update(_write_rowset(root.create_group(name), rowset, compression or {}))
-    per_scan = {name: np.asarray(values) for name, values in (per_scan or {}).items()}
-    written.update(_store_arrays(root, per_scan, {name: {"shape": v.shape, "dtype": v.dtype, "compressors": _compressor(v.dtype)}
-                                                  for name, v in per_scan.items()}))
-    # one metadata write (attrs.update would rewrite zarr.json once per key)
-    root.update_attributes({**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
-                            "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
-                            "chunk_files": chunk_files(tmp, _relative(written, root.store_path.path)), "complete": True})
-    return root
+        files.put(f"{name}/zarr.json", _group_json({}))
+        written.update(_write_rowset(files, name, rowset, compression))
+    for name, values in (per_scan or {}).items():
+        values = np.asarray(values)
+        written.update(_store_array(files, name, values, _compressor(values.dtype), chunks=None, write_empty=False))
+    root_attrs = {**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
+                  "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
+                  "chunk_files": chunk_files(tmp, written), "complete": True}
+    files.put("zarr.json", _group_json(root_attrs))
+    return root_attrs
 
 
-def _relative(by_key: dict, prefix: str) -> dict:
-    """Store keys made relative to the group at `prefix`."""
-    return {k[len(prefix) + 1:] if prefix else k: v for k, v in by_key.items()}
+class _Files:
+    """Plain files under a new directory, written in this thread; the directories made once."""
+
+    def __init__(self, root: Path):
+        self.root, self.dirs = root, set()
+
+    def put(self, key: str, blob: bytes) -> None:
+        path = self.root / key
+        if path.parent not in self.dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.dirs.add(path.parent)
+        with open(path, "wb") as f:
+            f.write(blob)
+
+
+def _group_json(attributes: dict) -> bytes:
+    return GroupMetadata(attributes=attributes).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
 COMMIT_SUFFIX = storage.COMMIT_SUFFIX  # NAME.zarr.commit beside the group on an object store
 commit_record = storage.commit_record
 
 
-def _publish_group(tmp: Path, root, dest: "storage.ObjectPath") -> int:
+def _publish_group(tmp: Path, root_attrs: dict, dest: "storage.ObjectPath") -> int:
     """Upload a finished local group: withdraw the old commit record and the old objects,
     upload the new ones, then write the commit record with their stamps; returns its bytes."""
     commit = commit_record(dest)
     storage.remove_tree(dest)
     listed = storage.upload_tree(tmp, dest)
-    stamps = {rel: listed[rel][1] for rel in root.attrs["chunk_files"]}
+    stamps = {rel: listed[rel][1] for rel in root_attrs["chunk_files"]}
     commit.write_bytes(json.dumps({"chunk_stamps": stamps}, sort_keys=True).encode())
     return sum(size for size, _ in listed.values())
 
@@ -212,9 +232,9 @@ def verify_group(path) -> bool:
     return True
 
 
-def _write_rowset(group, fields: dict[str, list[np.ndarray]], compression: dict[str, dict]) -> dict[str, list]:
-    """Write the fields and offsets; returns {store key: [size, crc32]} of the chunks written
-    directly (see _store_arrays)."""
+def _write_rowset(files: "_Files", prefix: str, fields: dict[str, list[np.ndarray]], compression: dict[str, dict]) -> dict[str, list]:
+    """Write the fields and offsets of one row set (the group at `prefix`); returns
+    {path relative to the root: [size, crc32]} of the chunks written directly (_store_array)."""
     names = list(fields)
     counts = np.array([len(a) for a in fields[names[0]]], dtype=np.int64)
     for name in names[1:]:
@@ -222,79 +242,77 @@ def _write_rowset(group, fields: dict[str, list[np.ndarray]], compression: dict[
             raise ValueError(f"field {name!r} has row counts that differ from {names[0]!r}")
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    values, specs = {}, {}
+    written = {}
+    at = f"{prefix}/" if prefix else ""
     for name in names:
-        flat = values[name] = np.concatenate(fields[name])
-        # write_empty_chunks: every chunk is written (and recorded), and zarr skips comparing each
-        # chunk with the fill value, ~1.5 ms of CPU per 64-beam scan
-        specs[name] = {"shape": flat.shape, "dtype": flat.dtype, "chunks": (ROWS_PER_CHUNK,) + flat.shape[1:],
-                       "config": {"write_empty_chunks": True}, "compressors": _compressor(flat.dtype, **compression.get(name, {}))}
-    values["offsets"] = offsets
-    specs["offsets"] = {"shape": offsets.shape, "dtype": offsets.dtype, "compressors": _compressor(offsets.dtype)}
-    return _store_arrays(group, values, specs)
+        flat = np.concatenate(fields[name])
+        # every chunk is written (and recorded), and no chunk is compared with the fill value
+        written.update(_store_array(files, at + name, flat, _compressor(flat.dtype, **compression.get(name, {})),
+                                    chunks=(ROWS_PER_CHUNK,) + flat.shape[1:], write_empty=True))
+    written.update(_store_array(files, at + "offsets", offsets, _compressor(offsets.dtype), chunks=None, write_empty=False))
+    return written
 
 
-def _store_arrays(group, values: dict[str, np.ndarray], specs: dict[str, dict]) -> dict[str, list]:
-    """group.create_array(name, **specs[name]) filled with values[name], for every name, as
-    `arr[...] = values` would store them, byte for byte; returns {store key: [size, crc32]} of
-    the chunks stored directly (_encode_chunks). The arrays are created concurrently and their
-    chunks stored in one batch: zarr awaits a dozen store operations to create one array, and its
-    chunk pipeline spent about twice the compressor's own time per chunk (a fill-value buffer,
-    copies, a thread hop per codec); together most of a shard write."""
-    agroup = group._async_group
-
-    async def create():
-        return await asyncio.gather(*(agroup.create_array(name, **spec) for name, spec in specs.items()))
-
-    chunks = {}
-    for (name, flat), created in zip(values.items(), sync(create())):
-        arr = zarr.Array(created)
-        encoded = _encode_chunks(arr, np.ascontiguousarray(flat))
-        if encoded is None:  # another codec chain: zarr's own pipeline
-            arr[...] = flat
-        else:
-            chunks.update(encoded)
-    store = group.store_path.store
-    buffer = default_buffer_prototype().buffer
-
-    async def put():
-        await asyncio.gather(*(store.set(key, buffer.from_bytes(blob)) for key, blob in chunks.items()))
-
-    if hasattr(store, "set_sync"):  # a local store writes in this thread: no event-loop round trip per chunk
-        for key, blob in chunks.items():
-            store.set_sync(key, buffer.from_bytes(blob))
-    elif chunks:
-        sync(put())
-    return {key: [len(blob), f"{zlib.crc32(blob):08x}"] for key, blob in chunks.items()}
+def _store_array(files: "_Files", key: str, values: np.ndarray, compressor: BloscCodec, chunks, write_empty: bool) -> dict[str, list]:
+    """The array `key` holding `values` as zarr's create_array(key, shape, dtype, chunks,
+    compressors) and `arr[...] = values` store it, byte for byte (tests/test_prepare.py compares
+    them); returns {chunk path: [size, crc32]} of the chunks encoded here. Zarr creating an array
+    awaits a dozen store operations on its event loop, and its chunk pipeline spent about twice
+    the compressor's own time per chunk (a fill-value buffer, copies, a thread hop per codec):
+    together most of a shard write."""
+    meta = _array_metadata(values.shape, values.dtype.str, chunks, compressor)
+    files.put(f"{key}/zarr.json", meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+    encoded = _encode_chunks(meta, key, np.ascontiguousarray(values), write_empty)
+    if encoded is None:  # another codec chain: zarr's own pipeline
+        arr = zarr.open_array(zarr.storage.LocalStore(files.root), path=key, mode="r+",
+                              config={"write_empty_chunks": write_empty})
+        arr[...] = values
+        return {}
+    for chunk_key, blob in encoded.items():
+        files.put(chunk_key, blob)
+    return {chunk_key: [len(blob), f"{zlib.crc32(blob):08x}"] for chunk_key, blob in encoded.items()}
 
 
+def _array_metadata(shape: tuple, dtype: str, chunks, compressor: BloscCodec) -> ArrayV3Metadata:
+    """What zarr's create_array records for these settings: made by zarr once per kind of array
+    (in memory) and given this shape; an array without chunks is chunked as zarr guesses from
+    its shape, so its shape is part of the kind."""
+    kind = (len(shape), dtype, chunks, json.dumps(compressor.to_dict(), sort_keys=True), None if chunks else shape)
+    template = _TEMPLATES.get(kind)
+    if template is None:
+        made = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype=dtype, chunks=chunks or "auto",
+                                 compressors=compressor, zarr_format=3)
+        template = _TEMPLATES[kind] = made.metadata
+    return dataclasses.replace(template, shape=tuple(shape))
+
+
+_TEMPLATES: dict[tuple, ArrayV3Metadata] = {}
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
-def _encode_chunks(arr, flat: np.ndarray) -> dict[str, bytes] | None:
-    """{store key: bytes} of every chunk of `arr` (a new array of flat's shape, chunked along rows
-    only) holding `flat`, as zarr encodes them: the same blosc call on the same bytes, the last
-    chunk padded with the fill value, a chunk of fill values left out unless the array writes
-    empty chunks. None where the codec chain is not bytes + blosc on native little-endian data."""
-    serializer, compressors = arr.serializer, arr.compressors
-    if (arr.filters or not isinstance(serializer, BytesCodec) or len(compressors) != 1 or not isinstance(compressors[0], BloscCodec)
-            or sys.byteorder != "little" or not flat.dtype.isnative or not flat.flags.c_contiguous or arr.chunks[1:] != flat.shape[1:]):
+def _encode_chunks(meta: ArrayV3Metadata, key: str, flat: np.ndarray, write_empty: bool) -> dict[str, bytes] | None:
+    """{path: bytes} of every chunk of the array `key` (metadata `meta`, chunked along rows only)
+    holding `flat`, as zarr encodes them: the same blosc call on the same bytes, the last chunk
+    padded with the fill value, a chunk of fill values left out unless the array writes empty
+    chunks. None where the codec chain is not bytes + blosc on native little-endian data."""
+    codecs = meta.codecs
+    chunk_shape = tuple(meta.chunk_grid.chunk_shape)
+    if (len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], BloscCodec)
+            or sys.byteorder != "little" or not flat.dtype.isnative or not flat.flags.c_contiguous or chunk_shape[1:] != flat.shape[1:]):
         return None
-    c = compressors[0]
+    c = codecs[1]
     blosc = Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value], blocksize=c.blocksize, typesize=c.typesize)
-    rows, prefix = arr.chunks[0], arr.store_path.path
-    skip_empty = not arr.config.write_empty_chunks  # zarr does not store a chunk of fill values then
+    rows, fill = chunk_shape[0], meta.fill_value
     out = {}
     for j, start in enumerate(range(0, len(flat), rows)):
         block = flat[start : start + rows]
         if len(block) < rows:
-            padded = np.full((rows,) + flat.shape[1:], arr.fill_value, flat.dtype)
+            padded = np.full((rows,) + flat.shape[1:], fill, flat.dtype)
             padded[: len(block)] = block
             block = padded
-        if skip_empty and (block == arr.fill_value).all():
+        if not write_empty and (block == fill).all():
             continue
-        key = arr.metadata.encode_chunk_key((j,) + (0,) * (flat.ndim - 1))
-        out[f"{prefix}/{key}" if prefix else key] = blosc.encode(block.view(np.uint8).reshape(-1))
+        out[f"{key}/{meta.encode_chunk_key((j,) + (0,) * (flat.ndim - 1))}"] = blosc.encode(block.view(np.uint8).reshape(-1))
     return out
 
 

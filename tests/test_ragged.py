@@ -1,0 +1,69 @@
+"""The ragged group writer against zarr's own: the same files, byte for byte."""
+import json
+
+import numpy as np
+import zarr
+
+from m2skd import ragged
+from m2skd.ragged import ROWS_PER_CHUNK, RaggedReader, write_ragged
+
+SHARD_LIKE = {"points": {"cname": "lz4", "clevel": 9}, "label": {"cname": "lz4", "clevel": 9}}
+
+
+def reference_group(path, fields, attrs, per_scan, extra_rows, compression):
+    """The group as zarr's public API writes it: create_array per field, `arr[...] = values`,
+    and the root attributes set once."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+
+    def rowset(group, rows):
+        counts = [len(a) for a in next(iter(rows.values()))]
+        for name, parts in rows.items():
+            flat = np.concatenate(parts)
+            arr = group.create_array(name, shape=flat.shape, dtype=flat.dtype, chunks=(ROWS_PER_CHUNK,) + flat.shape[1:],
+                                     compressors=ragged._compressor(flat.dtype, **compression.get(name, {})),
+                                     config={"write_empty_chunks": True})
+            arr[...] = flat
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        arr = group.create_array("offsets", shape=offsets.shape, dtype=offsets.dtype, compressors=ragged._compressor(offsets.dtype))
+        arr[...] = offsets
+
+    rowset(root, fields)
+    for name, rows in extra_rows.items():
+        rowset(root.create_group(name), rows)
+    for name, values in per_scan.items():
+        arr = root.create_array(name, shape=values.shape, dtype=values.dtype, compressors=ragged._compressor(values.dtype))
+        arr[...] = values
+    root.update_attributes(attrs)
+
+
+def files_of(path):
+    return {f.relative_to(path).as_posix(): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_writer_gives_zarrs_files(tmp_path):
+    rng = np.random.default_rng(3)
+    # three scans spanning two chunks of rows (the last one padded), smooth values that compress,
+    # and an all-zero per-scan array (a chunk of fill values, which zarr leaves out)
+    counts = [150_000, 90_000, 60_000]
+    points = [np.cumsum(rng.normal(size=(n, 4)), axis=0).astype(np.float32) for n in counts]
+    labels = [rng.integers(0, 20, n).astype(np.int32) for n in counts]
+    source = [np.zeros(n, np.uint8) for n in counts]
+    hard = {"feat": [rng.normal(size=(n, 8)).astype(np.float16) for n in (5, 0, 7)]}
+    per_scan = {"single_count": np.array(counts, np.int64), "empty": np.zeros(3, np.int32)}
+    attrs = {"sequence": "00", "x": 1.5, "rows": [{"frame": i} for i in range(3)]}
+    ours, theirs = tmp_path / "ours.zarr", tmp_path / "theirs.zarr"
+    write_ragged(ours, {"points": points, "label": labels, "source": source}, attrs, per_scan=per_scan,
+                 extra_rows={"hard": hard}, compression=SHARD_LIKE)
+
+    recorded = json.loads((ours / "zarr.json").read_text())["attributes"]
+    reference_group(theirs, {"points": points, "label": labels, "source": source}, recorded, per_scan, {"hard": hard}, SHARD_LIKE)
+    mine, ref = files_of(ours), files_of(theirs)
+    assert "empty/c/0" not in mine and "points/c/1/0" in mine
+    assert sorted(mine) == sorted(ref)
+    for rel in ref:
+        assert mine[rel] == ref[rel], rel
+    # the recorded chunk list is every chunk file, with its size and CRC-32
+    assert sorted(recorded["chunk_files"]) == sorted(r for r in ref if not r.endswith("zarr.json"))
+    reader = RaggedReader(ours)
+    np.testing.assert_array_equal(reader.read(1)["points"], points[1])
+    np.testing.assert_array_equal(reader.read(2, rowset="hard")["feat"], hard["feat"][2])
