@@ -92,25 +92,49 @@ def machine_name() -> str:
 
 # --- prepare ------------------------------------------------------------------------------
 
-def io_only_rate(data: Path, sequences, out_bytes: int, scratch: Path) -> float:
-    """Scans/s for reading every input .bin/.label once and writing `out_bytes`."""
+def io_only_rate(data: Path, sequences, out_bytes: int, scratch: Path, repeats: int = 5) -> float:
+    """Scans/s for reading every input .bin/.label once and writing `out_bytes` to disk (written
+    and fsynced), the median of `repeats`. Each starts after os.sync(): without that, the rate
+    measured how fast the page cache took writes while the kernel flushed earlier steps' output
+    (39 to 1,900 scans/s on one machine, by what ran before)."""
     files = []
     for name in sequences:
         seq = sk.Sequence(data, name)
         for frame in seq.frames:
             files += [seq.scan_path(frame), seq.label_path(frame)]
     n_scans = len(files) // 2
-    t0 = time.perf_counter()
-    total = sum(len(f.read_bytes()) for f in files)
     block = np.zeros(1 << 24, np.uint8)
-    with open(scratch / "io_probe.bin", "wb") as fh:
-        left = out_bytes
-        while left > 0:
-            fh.write(block[: min(left, block.size)].data)
-            left -= block.size
-    seconds = time.perf_counter() - t0
-    (scratch / "io_probe.bin").unlink()
-    return n_scans / seconds if total else 0.0
+    probe = scratch / "io_probe.bin"
+    seconds = []
+    for _ in range(repeats):
+        os.sync()
+        t0 = time.perf_counter()
+        for f in files:
+            f.read_bytes()
+        with open(probe, "wb") as fh:
+            left = out_bytes
+            while left > 0:
+                fh.write(block[: min(left, block.size)].data)
+                left -= block.size
+            os.fsync(fh.fileno())
+        seconds.append(time.perf_counter() - t0)
+        probe.unlink()
+    return n_scans / statistics.median(seconds)
+
+
+def prepare_on_disk(data: Path, run: Path, cfg, jobs: int, sequences, repeats: int = 3) -> tuple[float, float, dict]:
+    """(scans/s, CPU s per scan, summary) of prepare into a new `run`, medians of `repeats`, each
+    timed from an os.sync() to its output on disk (os.sync() after), as io_only_rate is."""
+    seconds, cpu = [], []
+    for _ in range(repeats):
+        shutil.rmtree(run, ignore_errors=True)
+        os.sync()
+        c0, t0 = time.process_time(), time.perf_counter()
+        summary = run_prepare(data, run, cfg, jobs=jobs, sequences=sequences)
+        os.sync()
+        seconds.append(time.perf_counter() - t0)
+        cpu.append((time.process_time() - c0) / summary["scans"])
+    return summary["scans"] / statistics.median(seconds), statistics.median(cpu), summary
 
 
 #: prepare's phases at 1 job, by the functions that run them (module, name); "other" is the rest
@@ -160,18 +184,14 @@ def cpu_by_phase(phases: dict[str, list[tuple[object, str]]]):
 
 
 def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
-    """Prepare's rate at 1 job and at all cores against the I/O-only rate, its CPU per scan by
-    phase at 1 job (a separate run), and a re-run on the finished output: plain (sizes and
-    stamps) and with verify (every chunk hashed)."""
+    """Prepare's rate at 1 job and at all cores against the I/O-only rate (medians of repeated
+    runs, each to its output on disk), its CPU per scan by phase at 1 job (a separate run), and a
+    re-run on the finished output: plain (sizes and stamps) and with verify (every chunk hashed)."""
     rates, cpu = {}, {}
     cfg = PrepareConfig(FusionConfig(k=4), frames_per_shard=8)
     for jobs in sorted({1, cores}):
         run = work / f"prep_j{jobs}"
-        shutil.rmtree(run, ignore_errors=True)
-        c0, t0 = time.process_time(), time.perf_counter()
-        summary = run_prepare(data, run, cfg, jobs=jobs, sequences=sequences)
-        rates[jobs] = summary["scans"] / (time.perf_counter() - t0)
-        cpu[jobs] = (time.process_time() - c0) / summary["scans"]
+        rates[jobs], cpu[jobs], summary = prepare_on_disk(data, run, cfg, jobs, sequences)
     rerun = timed(lambda: run_prepare(data, run, cfg, jobs=1, sequences=sequences), 2, warmup=0)
     rerun_verify = timed(lambda: run_prepare(data, run, cfg, jobs=1, sequences=sequences, verify=True), 1, warmup=0)
     io = io_only_rate(data, sequences, summary["shard_bytes"], work)
