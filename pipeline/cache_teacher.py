@@ -174,7 +174,8 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     # summary over every shard, including those done by an earlier run
     nbytes = points = 0
     kl_sum, kl_max, feat_err = 0.0, 0.0, []
-    conf = 0
+    conf, by_split = 0, {}
+    split_of = dict(zip(rows["shard"], rows["split"]))
     for shard in shards:  # attributes and file sizes only: no chunk is read
         reader = RaggedReader(run.teacher_cache / shard)
         nbytes += dir_bytes(run.teacher_cache / shard)
@@ -184,17 +185,27 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
         feat_err.append(reader.attrs["feature_rel_mse"])
         shard_conf = reader.attrs.get("target_confusion")  # absent in caches from before it was recorded
         conf = None if conf is None or shard_conf is None else conf + np.asarray(shard_conf, np.int64)
+        if conf is not None:
+            by_split[split_of[shard]] = by_split.get(split_of[shard], 0) + np.asarray(shard_conf, np.int64)
+    by_split = by_split if conf is not None else {}
     record = {**attrs, "teacher": teacher_reference(run, teacher_path), "feature_channels": reader.attrs["feature_channels"],
               "splits": list(cfg.splits), "shards": shards, "points": points, "bytes": nbytes,
               "bytes_per_point": nbytes / max(points, 1), "kl_stored_vs_exact": kl_sum / max(points, 1), "kl_max": kl_max,
               "feature_relative_mse": float(np.mean(feat_err))}
     record["cache_fingerprint"] = fingerprint_json({**attrs, "splits": list(cfg.splits), "shards": shards})
-    # How good the targets are: the teacher's argmax on the single-scan points it labels.
+    # How good the targets are: the teacher's argmax on the single-scan points it labels, over all
+    # of them and per split. A teacher that has learnt its train scans by heart gives train targets
+    # near the labels, which carry little a student's own labels do not (its val figures say how
+    # much it knows beyond them).
     spec = spec_for_run(run)
     quality = summarize(conf, spec.class_names, spec.hard_classes) if conf is not None else {}
     record["target_quality"] = {k: quality.get(k) for k in ("miou", "hard_miou", "accuracy")}
+    record["target_quality_by_split"] = {
+        split: {k: q.get(k) for k in ("miou", "hard_miou", "accuracy")}
+        for split, q in ((s, summarize(c, spec.class_names, spec.hard_classes)) for s, c in sorted(by_split.items()))}
     write_json_atomic(run.cache_record, record)
     return {"shards": len(shards), "shards_written": sum(r["written"] for r in results), "cache_fingerprint": record["cache_fingerprint"], "points": points, "bytes_per_point": record["bytes_per_point"],
             "logit_encoding": cfg.logit_encoding, "feature_encoding": cfg.feature_encoding,
             "kl_stored_vs_exact": record["kl_stored_vs_exact"], "kl_max": kl_max, "feature_relative_mse": record["feature_relative_mse"],
-            "target_miou": record["target_quality"]["miou"], "target_hard_miou": record["target_quality"]["hard_miou"]}
+            "target_miou": record["target_quality"]["miou"], "target_hard_miou": record["target_quality"]["hard_miou"],
+            **{f"target_hard_miou_{split}": q["hard_miou"] for split, q in record["target_quality_by_split"].items()}}

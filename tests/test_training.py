@@ -73,6 +73,41 @@ def test_cache_reports_the_accuracy_of_its_targets(teacher_run):
     assert cache["target_miou"] == record["target_quality"]["miou"]
 
 
+def test_cache_reports_its_targets_per_split(teacher_run, tmp_path):
+    """With train and val cached, target_quality_by_split holds each split's own figures (the
+    teacher's argmax against the labels of that split's single-scan points), and target_quality
+    the whole."""
+    import shutil
+
+    run, result, _ = teacher_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    model, ckpt = load_checkpoint(result["checkpoint"], backend="torch")
+    model.eval()
+    spec = spec_for_run(RunDir(copy))
+    df, _ = read_manifest(RunDir(copy).manifest)
+    conf = {}
+    for _, row in df[df["has_labels"]].iterrows():
+        data = RaggedReader(RunDir(copy).prepare / row["shard"]).read(int(row["shard_index"]))
+        logits, _ = teacher_outputs(model, data["points"], ckpt["config"]["voxel_size"], "dec4", "cpu")
+        n = int(row["n_single"])
+        c = confusion_matrix(logits[:n, 1:].argmax(1) + 1, spec.learning_lut[data["label"][:n] & 0xFFFF], 20)
+        conf[row["split"]] = conf.get(row["split"], 0) + c
+    assert set(conf) == {"train", "val"}
+    cache = run_cache(copy, result["checkpoint"], CacheConfig(backend="torch", splits=("train", "val"), logit_encoding="fp16",
+                                                             feature_encoding="fp16"))
+    record = json.loads((RunDir(copy).teacher_cache / "cache.json").read_text())
+    for split, c in conf.items():
+        expected = summarize(c, spec.class_names, spec.hard_classes)
+        got = record["target_quality_by_split"][split]
+        assert got["miou"] == pytest.approx(expected["miou"], abs=1e-6)
+        assert got["hard_miou"] == pytest.approx(expected["hard_miou"], abs=1e-6)
+        assert got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+        assert cache[f"target_hard_miou_{split}"] == got["hard_miou"]
+    whole = summarize(conf["train"] + conf["val"], spec.class_names, spec.hard_classes)
+    assert record["target_quality"]["miou"] == pytest.approx(whole["miou"], abs=1e-6)
+
+
 def test_augmentation_keeps_targets_on_their_points(teacher_run):
     run, _, _ = teacher_run
     spec = spec_for_run(RunDir(run))
