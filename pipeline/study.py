@@ -11,7 +11,9 @@ and its baseline differ only in the distillation. The effect of a metric is dist
 baseline per seed, reported as its mean, 95% t-interval over seeds and per-seed values, for
 hard-class mIoU, mIoU, each class's IoU, each sparse-instance bucket (hit rate, point recall)
 and the transfer diagnostic to that teacher (KL(teacher || student) x T^2 and argmax
-agreement at val single-scan points: hard-class, all, per instance bucket). Several arms, each a
+agreement at val single-scan points: hard-class, all, per instance bucket). With both `hard` and
+`none`, rows of teacher `hard-none` hold the paired difference of their students per seed (no
+transfer rows: the two students have different teachers). Several arms, each a
 label and the distillation settings of its students (a logit form, weights), can be compared
 against the same baselines: that is how weights are tuned. Re-running with more seeds, arms or
 teachers trains and evaluates only what is missing: a finished student, its evaluation or its
@@ -167,6 +169,15 @@ def effects(metrics: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
     return result
 
 
+CONTRAST = "hard-none"  # the rows of the hard-fused teacher's students against the single-scan teacher's
+
+
+def contrast_pairs(pairs: dict[str, dict], arm: str) -> list[tuple[str, str]]:
+    """(student of the hard teacher, student of the single-scan teacher) per seed, for one arm:
+    their paired difference is what fusing hard instances adds over plain self-distillation."""
+    return [(hard, none) for (hard, _), (none, _) in zip(pairs["hard"][arm], pairs["none"][arm])]
+
+
 def effect_rows(teacher: str, arm: str, form: str, seeds, eff: dict) -> list[dict]:
     """Flat rows for the CSV and the terminal: teacher, arm, its logit form, group, metric, hard,
     mean, CI, n_seeds, per seed."""
@@ -252,6 +263,11 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
                          for label, m in metrics.items()}
         by_teacher_arm[t] = {arm: effects(with_transfer, arm_pairs) for arm, arm_pairs in pairs[t].items()}
         rows += [row for arm, eff in by_teacher_arm[t].items() for row in effect_rows(t, arm, arm_forms[arm], seeds, eff)]
+    if "hard" in teachers and "none" in teachers:
+        # the multi-scan contribution (DESIGN 3, controls): each seed's student of the hard-fused
+        # teacher against the same seed's student of the single-scan teacher
+        by_teacher_arm[CONTRAST] = {arm: effects(metrics, contrast_pairs(pairs, arm)) for arm in pairs["hard"]}
+        rows += [row for arm, eff in by_teacher_arm[CONTRAST].items() for row in effect_rows(CONTRAST, arm, arm_forms[arm], seeds, eff)]
     table = pd.DataFrame(rows)
     out = RunDir(run).study
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,13 @@ def test_study_of_two_teachers_pairs_shared_baselines_and_resumes(tmp_path):
     for teacher in ("none", "hard"):
         metrics = set(table[table["teacher"] == teacher]["metric"])
         assert {"hard_miou", "miou", "kl_hard", "kl_all", "agreement_hard", *HARD_NAMES} <= metrics
+    # the multi-scan contribution: each seed's student of the hard teacher less that of the single-scan one
+    contrast = table[(table["teacher"] == "hard-none") & (table["metric"] == "hard_miou")].iloc[0]
+    got = record["checkpoints"]
+    expected = [got[f"distilled{s}"]["hard_miou"] - got[f"distilled{s}@none"]["hard_miou"] for s in ("", "-s1")]
+    assert [contrast["seed 0"], contrast["seed 1"]] == pytest.approx(expected)
+    assert record["effects"]["hard-none"]["kl"]["hard_miou"]["per_seed"] == pytest.approx(expected)
+    assert not set(table[table["teacher"] == "hard-none"]["group"]) & {"transfer"}
     row = table[(table["teacher"] == "none") & (table["metric"] == "hard_miou")].iloc[0]
     assert row["n_seeds"] == 2 and row["kd_form"] == "kl"
     assert row["mean"] == pytest.approx((row["seed 0"] + row["seed 1"]) / 2)
