@@ -613,6 +613,12 @@ def study(out_dir, seeds, size, seed, kd_forms, arm_specs, teachers, backend, ov
     seed_columns = [c for c in table.columns if c.startswith("seed ")]
     click.echo(shown.drop(columns=["hard"] + seed_columns).to_string(index=False, float_format=lambda v: f"{v:+.3f}",
                                                                      na_rep="-"))
+    click.echo("\nwhat each teacher could pass on (hard-class mIoU; val unless named; targets: its argmax on its own input at the single-scan points):")
+    for teacher, st in result["standing"].items():
+        targets = ", ".join(f"{split} {v:.3f}" for split, v in st["targets"].items()) or "not recorded"
+        click.echo(f"  {teacher}: teacher on single scans {st['teacher_single_scan']:.3f}; targets {targets}; "
+                   f"students {st['students']['mean']:.3f} ({st['students']['min']:.3f}-{st['students']['max']:.3f}); "
+                   f"baselines {st['baselines']['mean']:.3f} ({st['baselines']['min']:.3f}-{st['baselines']['max']:.3f})")
     click.echo(f"\nper-seed values, every class, instance and transfer bucket in {result['out_dir']}/study.csv; "
                f"{result['seconds']:.0f} s")
 

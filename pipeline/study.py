@@ -278,6 +278,7 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
     record = {
         "seeds": seeds, "data_seed": seed, "size": size, "teachers": list(teachers), "arms": arms,
         "pairs": pairs, "effects": by_teacher_arm,
+        "standing": {t: teacher_standing(metrics, pairs[t], teacher_label(t), by_teacher[t]["run"]) for t in teachers},
         "checkpoints": {name: {"hard_miou": m["hard_miou"], "miou": m["miou"], "instances": m.get("instances"),
                                "transfer": {t: d[name] for t, d in diagnostics.items() if name in d}}
                         for name, m in metrics.items()},
@@ -286,6 +287,25 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
     }
     write_json_atomic(out / "study.json", record)
     return {**record, "table": table, "out_dir": str(out)}
+
+
+def teacher_standing(metrics: dict, arm_pairs: dict, teacher: str, run) -> dict:
+    """What a teacher could pass on, in absolute values (hard-class mIoU on val): the teacher on
+    single scans, its cached targets (its argmax on the fused input at single-scan points) per
+    split, and the range of its students and of the baselines. Targets far better on train than
+    on val are a teacher that has learnt its train scans by heart: they add little to the labels."""
+    students = sorted({d for pairs in arm_pairs.values() for d, _ in pairs})
+    baselines = sorted({b for pairs in arm_pairs.values() for _, b in pairs})
+    cache = RunDir(run).cache_record
+    targets = read_json(cache).get("target_quality_by_split", {}) if storage.path(cache).exists() else {}
+
+    def spread(labels):
+        values = [metrics[label]["hard_miou"] for label in labels]
+        return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+    return {"teacher_single_scan": metrics[teacher]["hard_miou"],
+            "targets": {split: q["hard_miou"] for split, q in targets.items()},
+            "students": spread(students), "baselines": spread(baselines)}
 
 
 def _train_seconds(model_path):

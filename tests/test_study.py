@@ -70,6 +70,14 @@ def test_study_of_two_teachers_pairs_shared_baselines_and_resumes(tmp_path):
     assert [contrast["seed 0"], contrast["seed 1"]] == pytest.approx(expected)
     assert record["effects"]["hard-none"]["kl"]["hard_miou"]["per_seed"] == pytest.approx(expected)
     assert not set(table[table["teacher"] == "hard-none"]["group"]) & {"transfer"}
+    # each teacher's standing: its own figures, its cache's per-split targets, its students and the baselines
+    for teacher, tag, where in (("none", "@none", control), ("hard", "", run)):
+        st = record["standing"][teacher]
+        assert st["teacher_single_scan"] == got[f"teacher{tag}"]["hard_miou"]
+        cached = json.loads((where / "teacher_cache" / "cache.json").read_text())["target_quality_by_split"]
+        assert st["targets"] == {split: q["hard_miou"] for split, q in cached.items()} and "train" in st["targets"]
+        students = [got[f"distilled{s}{tag}"]["hard_miou"] for s in ("", "-s1")]
+        assert st["students"] == pytest.approx({"mean": sum(students) / 2, "min": min(students), "max": max(students)})
     row = table[(table["teacher"] == "none") & (table["metric"] == "hard_miou")].iloc[0]
     assert row["n_seeds"] == 2 and row["kd_form"] == "kl"
     assert row["mean"] == pytest.approx((row["seed 0"] + row["seed 1"]) / 2)
