@@ -28,7 +28,7 @@ from m2skd.teacher_cache import (CACHE_FORMAT, CODES_CLEVEL, DEFAULT_FEATURE_ENC
                                  decode_logits, encode_features, encode_logits, kl_per_point)
 from m2skd.transforms import voxel_coords
 
-from .parallel import run_tasks
+from .parallel import run_tasks, torch_threads
 
 
 CACHE_COMPRESSION = {"logit_codes": {"clevel": CODES_CLEVEL, "shuffle": "noshuffle"}}
@@ -64,7 +64,11 @@ def teacher_outputs(model, points: np.ndarray, voxel_size: float, layer: str | N
 
 
 def cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig, attrs: dict) -> dict:
-    torch.set_num_threads(cfg.threads_per_job)
+    with torch_threads(cfg.threads_per_job):
+        return _cache_shard(shard_rel, run, teacher_path, cfg, attrs)
+
+
+def _cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfig, attrs: dict) -> dict:
     spec = spec_for_run(run)
     device = resolve_device(cfg.device)
     model, ckpt = load_checkpoint(teacher_path, cfg.backend, device, spec=spec)

@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from m2skd import storage
 from m2skd.fusion import FusionConfig
@@ -28,7 +27,7 @@ from m2skd.trainer import current_model, train
 
 from .cache_teacher import CacheConfig, run_cache
 from .evaluate import run_eval
-from .parallel import run_tasks
+from .parallel import run_tasks, torch_threads
 from .prepare import PrepareConfig, run_prepare
 from .show import run_show
 from .stats import run_stats
@@ -93,9 +92,9 @@ def train_student(task) -> tuple[tuple[str, str], str]:
     on 2 cores: the sparse ops scale poorly across threads, so two 1-thread runs finish in 0.6x
     the time of the same two runs one after the other."""
     run, name, config, threads, steps = task
-    torch.set_num_threads(threads)
     report = (lambda step, total, logs: steps.put((run, name, step))) if steps is not None else None
-    return (run, name), train_or_resume(run, "student", name, config, callback=report)
+    with torch_threads(threads):
+        return (run, name), train_or_resume(run, "student", name, config, callback=report)
 
 
 def train_students_reporting_steps(tasks: list, jobs: int, p) -> list:

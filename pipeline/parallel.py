@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterable
 
+import torch
 from joblib import Parallel, delayed, parallel_config
 
 from m2skd.errors import M2SKDError
@@ -25,6 +26,18 @@ def backend(dask_scheduler: str | None):
         raise M2SKDError(f"--dask-scheduler {dask_scheduler}: no Dask scheduler reached ({str(exc).splitlines()[0]})") from None
     with client, parallel_config(backend="dask"):
         yield
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` for one task and restored after: a task run in this
+    process (jobs=1) must not change the thread count, hence the bits, of what runs next in it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_tasks(fn: Callable, tasks: Iterable, jobs: int, on_done: Callable | None = None, dask_scheduler: str | None = None) -> list:

@@ -94,8 +94,12 @@ def test_cache_reports_its_targets_per_split(teacher_run, tmp_path):
         c = confusion_matrix(logits[:n, 1:].argmax(1) + 1, spec.learning_lut[data["label"][:n] & 0xFFFF], 20)
         conf[row["split"]] = conf.get(row["split"], 0) + c
     assert set(conf) == {"train", "val"}
+    threads = torch.get_num_threads()
     cache = run_cache(copy, result["checkpoint"], CacheConfig(backend="torch", splits=("train", "val"), logit_encoding="fp16",
-                                                             feature_encoding="fp16"))
+                                                             feature_encoding="fp16", threads_per_job=threads + 1))
+    # the shards ran in this process (jobs=1) at their own thread count, which was restored after:
+    # a later training here computes with the threads it had (other threads, other bits)
+    assert cache["shards_written"] > 0 and torch.get_num_threads() == threads
     record = json.loads((RunDir(copy).teacher_cache / "cache.json").read_text())
     for split, c in conf.items():
         expected = summarize(c, spec.class_names, spec.hard_classes)
