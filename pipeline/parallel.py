@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -44,7 +45,10 @@ def run_tasks(fn: Callable, tasks: Iterable, jobs: int, on_done: Callable | None
     """fn(task) for each task, results in completion order; on_done(task, result) as each ends."""
     tasks = list(tasks)
     results = []
-    with backend(dask_scheduler):
+    with backend(dask_scheduler), warnings.catch_warnings():
+        # loky replaces a worker whose memory grew 300 MB past its first task (a torch training's
+        # allocator caches do) and warns of a leak; the task's result is unaffected
+        warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given to the executor")
         if jobs == 1 and not dask_scheduler:
             stream = ((t, fn(t)) for t in tasks)
         else:
