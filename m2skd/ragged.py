@@ -255,7 +255,7 @@ def _write_rowset(files: "_Files", prefix: str, fields: dict[str, list[np.ndarra
 
 def _store_array(files: "_Files", key: str, values: np.ndarray, compressor: BloscCodec, chunks, write_empty: bool) -> dict[str, list]:
     """The array `key` holding `values` as zarr's create_array(key, shape, dtype, chunks,
-    compressors) and `arr[...] = values` store it, byte for byte (tests/test_prepare.py compares
+    compressors) and `arr[...] = values` store it, byte for byte (tests/test_ragged.py compares
     them); returns {chunk path: [size, crc32]} of the chunks encoded here. Zarr creating an array
     awaits a dozen store operations on its event loop, and its chunk pipeline spent about twice
     the compressor's own time per chunk (a fill-value buffer, copies, a thread hop per codec):

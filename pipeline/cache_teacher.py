@@ -178,7 +178,7 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     # summary over every shard, including those done by an earlier run
     nbytes = points = 0
     kl_sum, kl_max, feat_err = 0.0, 0.0, []
-    conf, by_split = 0, {}
+    by_split, every_shard = {}, True  # the teacher's confusion on its single-scan points, per split
     split_of = dict(zip(rows["shard"], rows["split"]))
     for shard in shards:  # attributes and file sizes only: no chunk is read
         reader = RaggedReader(run.teacher_cache / shard)
@@ -188,10 +188,11 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
         kl_max = max(kl_max, reader.attrs["kl_max"])
         feat_err.append(reader.attrs["feature_rel_mse"])
         shard_conf = reader.attrs.get("target_confusion")  # absent in caches from before it was recorded
-        conf = None if conf is None or shard_conf is None else conf + np.asarray(shard_conf, np.int64)
-        if conf is not None:
+        if shard_conf is None:
+            every_shard = False
+        else:
             by_split[split_of[shard]] = by_split.get(split_of[shard], 0) + np.asarray(shard_conf, np.int64)
-    by_split = by_split if conf is not None else {}
+    by_split = by_split if every_shard else {}
     record = {**attrs, "teacher": teacher_reference(run, teacher_path), "feature_channels": reader.attrs["feature_channels"],
               "splits": list(cfg.splits), "shards": shards, "points": points, "bytes": nbytes,
               "bytes_per_point": nbytes / max(points, 1), "kl_stored_vs_exact": kl_sum / max(points, 1), "kl_max": kl_max,
@@ -202,7 +203,7 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     # near the labels, which carry little a student's own labels do not (its val figures say how
     # much it knows beyond them).
     spec = spec_for_run(run)
-    quality = summarize(conf, spec.class_names, spec.hard_classes) if conf is not None else {}
+    quality = summarize(sum(by_split.values()), spec.class_names, spec.hard_classes) if by_split else {}
     record["target_quality"] = {k: quality.get(k) for k in ("miou", "hard_miou", "accuracy")}
     record["target_quality_by_split"] = {
         split: {k: q.get(k) for k in ("miou", "hard_miou", "accuracy")}
