@@ -291,7 +291,7 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
 
 def teacher_standing(metrics: dict, arm_pairs: dict, teacher: str, run) -> dict:
     """What a teacher could pass on, in absolute values (hard-class mIoU on val): the teacher on
-    single scans, its cached targets (its argmax on the fused input at single-scan points) per
+    single scans, its cached targets (its argmax on its own input at single-scan points) per
     split, and the range of its students and of the baselines. Targets far better on train than
     on val are a teacher that has learnt its train scans by heart: they add little to the labels."""
     students = sorted({d for pairs in arm_pairs.values() for d, _ in pairs})
