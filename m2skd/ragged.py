@@ -34,7 +34,6 @@ import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.group import GroupMetadata
 from zarr.core.metadata.v3 import ArrayV3Metadata
 
 from . import storage
@@ -66,17 +65,19 @@ def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_sca
     path = storage.path(path)
     if isinstance(path, storage.ObjectPath):
         with storage.local_stage(path) as tmp:
-            root_attrs = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
+            root_attrs, _ = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
             return _publish_group(tmp, root_attrs, path)
     with atomic_path(path) as tmp:
-        _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
-    return dir_bytes(path)
+        _, nbytes = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
+    return nbytes if nbytes is not None else dir_bytes(path)
 
 
-def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression) -> dict:
+def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression) -> tuple[dict, int | None]:
     """Every file of the group into the new directory `tmp`; returns the root's attributes.
-    Metadata documents are made in memory (zarr's own metadata classes serialise them, so the
-    files are those zarr writes) and the root's, which lists the chunk files, is written last."""
+    Metadata documents are made in memory (an array's by zarr's own metadata class, so its file is
+    the one zarr writes; a group's as compact JSON) and the root's, which lists the chunk files,
+    is written last. Returns the root's attributes and the group's bytes (None where zarr wrote
+    some of its files)."""
     files = _Files(Path(tmp))
     compression = compression or {}
     written = _write_rowset(files, "", fields, compression)
@@ -88,28 +89,44 @@ def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression) ->
         written.update(_store_array(files, name, values, _compressor(values.dtype), chunks=None, write_empty=False))
     root_attrs = {**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
                   "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
-                  "chunk_files": chunk_files(tmp, written), "complete": True}
+                  "chunk_files": files.stamp_chunks(written) if files.all_ours else chunk_files(tmp, written),
+                  "complete": True}
     files.put("zarr.json", _group_json(root_attrs))
-    return root_attrs
+    return root_attrs, files.nbytes if files.all_ours else None
 
 
 class _Files:
-    """Plain files under a new directory, written in this thread; the directories made once."""
+    """Plain files under a new directory, written in this thread; the directories made once.
+    Knowing every file it wrote, it stamps the chunks and counts the bytes without listing the
+    directory again, unless zarr wrote some of them (`all_ours` false)."""
 
     def __init__(self, root: Path):
         self.root, self.dirs = root, set()
+        self.nbytes, self.all_ours = 0, True
 
     def put(self, key: str, blob: bytes) -> None:
-        path = self.root / key
-        if path.parent not in self.dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.dirs.add(path.parent)
+        path = os.path.join(self.root, key)
+        parent = os.path.dirname(path)
+        if parent not in self.dirs:
+            os.makedirs(parent, exist_ok=True)
+            self.dirs.add(parent)
         with open(path, "wb") as f:
             f.write(blob)
+        self.nbytes += len(blob)
+
+    def stamp_chunks(self, written: dict[str, list]) -> dict[str, list]:
+        """chunk_files for a group whose chunks are all in `written`: each stamped CHUNK_MTIME."""
+        for rel in written:
+            os.utime(os.path.join(self.root, rel), ns=(CHUNK_MTIME, CHUNK_MTIME))
+        return {rel: written[rel] for rel in sorted(written)}
 
 
 def _group_json(attributes: dict) -> bytes:
-    return GroupMetadata(attributes=attributes).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    """A group's zarr.json as zarr reads it, written compactly: zarr's own serialiser deep-copies
+    the attributes and indents them with the pure-Python JSON encoder, which took 2 ms a scan of
+    prepare for its shards' manifest rows; without indentation the C encoder writes them."""
+    return json.dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"}, allow_nan=True,
+                      separators=(",", ":")).encode()
 
 
 COMMIT_SUFFIX = storage.COMMIT_SUFFIX  # NAME.zarr.commit beside the group on an object store
@@ -264,6 +281,7 @@ def _store_array(files: "_Files", key: str, values: np.ndarray, compressor: Blos
     files.put(f"{key}/zarr.json", meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
     encoded = _encode_chunks(meta, key, np.ascontiguousarray(values), write_empty)
     if encoded is None:  # another codec chain: zarr's own pipeline
+        files.all_ours = False
         arr = zarr.open_array(zarr.storage.LocalStore(files.root), path=key, mode="r+",
                               config={"write_empty_chunks": write_empty})
         arr[...] = values

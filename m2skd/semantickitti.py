@@ -178,10 +178,13 @@ class Sequence:
     def label_path(self, frame: str) -> Path:
         return self.path / "labels" / f"{frame}.label"
 
-    def poses(self) -> np.ndarray:
-        """LiDAR poses indexed by frame number (row i of poses.txt is frame i)."""
-        numbers = self.numbered_frames()
-        return read_poses(self.path / "poses.txt", self.path / "calib.txt", n_scans=numbers[-1][0] + 1 if numbers else 0)
+    def poses(self, n_scans: int | None = None) -> np.ndarray:
+        """LiDAR poses indexed by frame number (row i of poses.txt is frame i); at least `n_scans`
+        of them (default: the last scan's number + 1, from a listing of the scans)."""
+        if n_scans is None:
+            numbers = self.numbered_frames()
+            n_scans = numbers[-1][0] + 1 if numbers else 0
+        return read_poses(self.path / "poses.txt", self.path / "calib.txt", n_scans=n_scans)
 
 
 def list_sequences(root) -> list[str]:

@@ -23,7 +23,7 @@ from m2skd import storage
 from m2skd.dataset_spec import DatasetSpec, load_spec
 from m2skd.atomic import write_json_atomic
 from m2skd.errors import DataError, StaleInputError
-from m2skd.fingerprint import fingerprint_bytes, fingerprint_json
+from m2skd.fingerprint import content_checksum, fingerprint_json
 from m2skd.fusion import Frame, FusionConfig, fuse, instance_keys, instance_occupancy
 from m2skd.manifest import read_manifest, write_manifest
 from m2skd.ragged import RaggedReader, dir_bytes, file_stamp, group_is_current, list_groups, write_ragged
@@ -69,6 +69,10 @@ class ShardTask:
     overwrite: bool = False
     verify: bool = False  # hash every chunk of an existing shard, not only those whose stamp differs
     frames: tuple[str, ...] = ()  # the shard's frame names
+    # (number, name) of the shard's frames and of up to k frames before them, and the sequence's
+    # last frame number + 1: from the plan's one listing of the sequence, not one per shard
+    window: tuple[tuple[int, str], ...] = ()
+    n_scans: int = 0
 
 
 def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bool, spec: DatasetSpec,
@@ -79,12 +83,12 @@ def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bo
     scan_bytes = sk.read_bytes(scan_path)
     points = sk.parse_scan(scan_bytes, scan_path)
     if not labelled:
-        return Frame(points, None, None, pose), fingerprint_bytes(scan_bytes) if fingerprint else None
+        return Frame(points, None, None, pose), content_checksum(scan_bytes) if fingerprint else None
     label_path = seq.label_path(frame_name)
     label_bytes = sk.read_bytes(label_path)
     raw = sk.parse_label(label_bytes, label_path, len(points), spec.learning_lut)
     train = spec.learning_lut.take(raw & 0xFFFF)
-    return Frame(points, raw, train, pose), fingerprint_bytes(scan_bytes, label_bytes) if fingerprint else None
+    return Frame(points, raw, train, pose), content_checksum(scan_bytes, label_bytes) if fingerprint else None
 
 
 def shard_attrs(cfg: PrepareConfig, data_root: str) -> dict:
@@ -103,17 +107,16 @@ def ensure_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict
 def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
     """Fuse and write the frames at positions [start, stop) of one sequence; returns the shard's summary."""
     seq = sk.Sequence(task.data_root, task.sequence)
-    numbered = seq.numbered_frames()
-    poses = seq.poses()
+    poses = seq.poses(n_scans=task.n_scans)
     labelled = seq.has_labels
     fcfg = cfg.fusion if (labelled or cfg.fusion.mode != "hard") else FusionConfig(**{**cfg.fusion.to_dict(), "mode": "none"})
     k = fcfg.k if fcfg.mode != "none" else 0
-    first = numbered[task.start][0]
+    first = int(task.frames[0])
     window: dict[int, Frame] = {}  # frame number -> frame, the k numbers before the current one
     points, labels, sources, rows = [], [], [], []
     icp = [0, 0]
     row_start = 0
-    todo = [(n, name) for n, name in numbered[: task.stop] if n >= first - k]
+    todo = [(n, name) for n, name in task.window if n >= first - k]
     # stamps taken before reading: a file changed while it is read differs at the next run
     inputs = [seq.path / "poses.txt", seq.path / "calib.txt"]
     inputs += [p for _, name in todo for p in ([seq.scan_path(name)] + ([seq.label_path(name)] if labelled else []))]
@@ -165,11 +168,13 @@ def plan(data_root, run: RunDir, cfg: PrepareConfig, spec: DatasetSpec, splits=N
         if (splits and split not in splits) or (sequences and name not in sequences):
             continue
         numbered = sk.Sequence(data_root, name).numbered_frames()
+        n_scans = numbered[-1][0] + 1 if numbered else 0
         for start in range(0, len(numbered), cfg.frames_per_shard):
             stop = min(len(numbered), start + cfg.frames_per_shard)
             path = run.shards / name / f"{numbered[start][0]:06d}-{numbered[stop - 1][0]:06d}.zarr"
             frames = tuple(f for _, f in numbered[start:stop])
-            tasks.append(ShardTask(str(data_root), name, split, start, stop, str(path), overwrite, verify, frames))
+            window = tuple(numbered[max(0, start - cfg.fusion.k):stop])
+            tasks.append(ShardTask(str(data_root), name, split, start, stop, str(path), overwrite, verify, frames, window, n_scans))
     return tasks
 
 

@@ -1,4 +1,6 @@
 """prepare: hard-class fusion, shard contents, manifest, and resumption after a crash."""
+import zlib
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -6,6 +8,7 @@ import pytest
 from m2skd import semantickitti as sk
 from m2skd.dataset_spec import load_spec
 from m2skd.errors import StaleInputError
+from m2skd.fingerprint import content_checksum
 from m2skd.fusion import FusionConfig, icp_refine
 from m2skd.manifest import COLUMNS, MANIFEST_SCHEMA_VERSION, read_manifest
 from m2skd.ragged import RaggedReader
@@ -129,6 +132,13 @@ def test_manifest_schema_and_content(small_dataset, prepared_run):
     for _, row in df.iterrows():
         assert row["n_single"] * 16 == sk.Sequence(small_dataset, row["sequence"]).scan_path(row["frame_name"]).stat().st_size
     assert df["fingerprint"].str.len().eq(16).all() and df["fingerprint"].is_unique
+    # a scan's fingerprint: CRC-32 of its scan and label bytes (the standard CRC-32 check value of
+    # b"123456789" is cbf43926) and their length
+    assert content_checksum(b"1234", b"56789") == "cbf43926" + "00000009"
+    row = df[df["has_labels"]].iloc[3]
+    seq = sk.Sequence(small_dataset, row["sequence"])
+    scan, label = seq.scan_path(row["frame_name"]).read_bytes(), seq.label_path(row["frame_name"]).read_bytes()
+    assert row["fingerprint"] == content_checksum(scan, label) == f"{zlib.crc32(scan + label):08x}{len(scan) + len(label):08x}"
 
 
 def test_changed_config_is_refused(small_dataset, tmp_path):
