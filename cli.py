@@ -159,7 +159,8 @@ def out_option(default: str | None, help: str):
 
 
 def size_option():
-    return click.option("--size", type=click.Choice(["default", "study", "tiny"]), default="default", show_default=True)
+    return click.option("--size", type=click.Choice(["default", "study", "study-wide", "study-matched", "tiny"]),
+                        default="default", show_default=True)
 
 
 def dask_scheduler_option(help: str | None = None):

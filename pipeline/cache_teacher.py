@@ -205,8 +205,10 @@ def run_cache(run_dir, teacher_path=None, cfg: CacheConfig = CacheConfig(), jobs
     spec = spec_for_run(run)
     quality = summarize(sum(by_split.values()), spec.class_names, spec.hard_classes) if by_split else {}
     record["target_quality"] = {k: quality.get(k) for k in ("miou", "hard_miou", "accuracy")}
+    # per hard class too: a teacher that loses one class (a domain it never saw) shows it here
     record["target_quality_by_split"] = {
-        split: {k: q.get(k) for k in ("miou", "hard_miou", "accuracy")}
+        split: {**{k: q.get(k) for k in ("miou", "hard_miou", "accuracy")},
+                "hard_class_iou": {c["name"]: c["iou"] for c in q["per_class"] if c["hard"]}}
         for split, q in ((s, summarize(c, spec.class_names, spec.hard_classes)) for s, c in sorted(by_split.items()))}
     write_json_atomic(run.cache_record, record)
     return {"shards": len(shards), "shards_written": sum(r["written"] for r in results), "cache_fingerprint": record["cache_fingerprint"], "points": points, "bytes_per_point": record["bytes_per_point"],

@@ -44,6 +44,10 @@ class DemoSize:
     val_frames: int = 300
     eval_scans: int | None = 100
     val_min_hard_per_100m: float = 2.5
+    # the train drives' floor: 0 keeps real shares; the val drive's floor gives train drives its
+    # distribution of hard instances (on short drives the floor parks trucks beyond the ends, far
+    # away; on long ones it also parks them along the street, close and dense)
+    train_min_hard_per_100m: float = 0.0
     beams: int = 32
     azimuth_steps: int = 1024
     teacher_steps: int = 300
@@ -57,6 +61,13 @@ SIZES = {
     # the study of record: the demo's data, a teacher trained 4x longer, students 3x longer,
     # every second val scan evaluated
     "study": DemoSize(teacher_steps=1200, student_steps=600, eval_scans=150),
+    # the study's steps on 10 train drives (400 scans): a teacher that cannot learn 80 scans by heart
+    "study-wide": DemoSize(train_sequences=("00", "01", "02", "03", "04", "05", "06", "07", "09", "10"),
+                           teacher_steps=1200, student_steps=600, eval_scans=150),
+    # train drives made as the val drive is (300 scans, the same floor): train and val hard
+    # instances alike in range and points (docs/results.md, teachers' standing)
+    "study-matched": DemoSize(frames=300, train_min_hard_per_100m=2.5, teacher_steps=1200, student_steps=600,
+                              eval_scans=150),
     "tiny": DemoSize(train_sequences=("00",), frames=8, val_frames=8, eval_scans=None, beams=16, azimuth_steps=512,
                      teacher_steps=6, student_steps=6, jobs=2),
 }
@@ -150,7 +161,7 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
         p = bar("synth")
         if p:
             p(total=s.frames * len(s.train_sequences) + s.val_frames * len(s.val_sequences))
-        for sequences, frames, floor in ((s.train_sequences, s.frames, 0.0),
+        for sequences, frames, floor in ((s.train_sequences, s.frames, s.train_min_hard_per_100m),
                                          (s.val_sequences, s.val_frames, s.val_min_hard_per_100m)):
             generate_dataset(data, sequences=sequences, frames=frames, seed=seed,
                              config=SynthConfig(beams=s.beams, azimuth_steps=s.azimuth_steps, min_hard_per_100m=floor),

@@ -102,3 +102,10 @@ def test_arms_share_one_baseline_and_may_not_change_it():
     assert configs["distilled"].kd_hard_weight == 5.0 and configs["baseline"].kd_hard_weight == 1.0
     with pytest.raises(ValueError, match="lr"):
         plan_students(shared, [0], 0, {"kl": {}, "fast": {"lr": 0.05}})
+
+
+def test_every_size_is_offered_by_the_cli():
+    from m2skd import cli
+
+    sizes = next(p for p in cli.main.commands["study"].params if p.name == "size").type.choices
+    assert set(sizes) == set(SIZES)

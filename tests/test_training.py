@@ -107,6 +107,10 @@ def test_cache_reports_its_targets_per_split(teacher_run, tmp_path):
         assert got["miou"] == pytest.approx(expected["miou"], abs=1e-6)
         assert got["hard_miou"] == pytest.approx(expected["hard_miou"], abs=1e-6)
         assert got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+        hard = {c["name"]: c["iou"] for c in expected["per_class"] if c["hard"]}
+        assert set(got["hard_class_iou"]) == {spec.class_names[c] for c in spec.hard_classes}
+        for name, iou in hard.items():
+            assert got["hard_class_iou"][name] == (pytest.approx(iou, abs=1e-6) if iou is not None else None)
         assert cache[f"target_hard_miou_{split}"] == got["hard_miou"]
     whole = summarize(conf["train"] + conf["val"], spec.class_names, spec.hard_classes)
     assert record["target_quality"]["miou"] == pytest.approx(whole["miou"], abs=1e-6)
