@@ -10,15 +10,16 @@ from .errors import M2SKDError
 
 
 def resolve_device(device: str | None, local_rank: int | None = None) -> torch.device:
-    """cuda when available unless told otherwise; under torchrun 'cuda' means this rank's GPU."""
+    """cuda when available unless told otherwise; 'cuda' means this rank's GPU under torchrun,
+    else the current one."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise M2SKDError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        if local_rank is not None and dev.index is None:
-            dev = torch.device("cuda", local_rank)
+        if dev.index is None:  # torch.cuda.set_device and DDP's device_ids need an index
+            dev = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
     return dev
 
 

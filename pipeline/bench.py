@@ -557,7 +557,7 @@ def run_bench(out_dir, frames: int = 48, depth: int = 34, repeats: int = 2, gpu:
     data = work / "data"
     synth_cfg = SynthConfig() if not quick else SynthConfig(beams=32, azimuth_steps=1024)
     result: dict = {"machine": machine_name(), "torch": torch.__version__, "device": str(device), "frames": frames,
-                    "minkowski": minkowski_available()}
+                    "quick": quick, "minkowski": minkowski_available()}
     announce("synth")
     t0 = time.perf_counter()
     summary = generate_dataset(data, sequences=("00", "08"), frames=frames, seed=0, config=synth_cfg, jobs=cores)

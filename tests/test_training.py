@@ -324,3 +324,16 @@ def test_transfer_diagnostic_by_hand_from_cache_and_from_the_teacher(teacher_run
     assert got == transfer_diagnostic(student["checkpoint"], result["checkpoint"], "val", max_scans=3, backend="torch")
     assert got["scans"] == 3 and (tmp_path / "eval" / "transfer.csv").is_file()
     assert report["transfer"].loc[0, "kl_hard"] == got["hard"]["kl"]
+
+
+def test_plain_cuda_device_gets_an_index(monkeypatch):
+    """`--device cuda` outside torchrun: torch.cuda.set_device needs an index, so 'cuda' must
+    resolve to the current GPU (an H200 run of gpu_check failed on the bare 'cuda')."""
+    from m2skd.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda", 2)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda:3", local_rank=1) == torch.device("cuda", 3)
+    assert resolve_device("cpu") == torch.device("cpu")

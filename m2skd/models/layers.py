@@ -226,14 +226,16 @@ class SparseConvTranspose(_SparseConvBase):
 
 
 class SparseBatchNorm(nn.Module):
-    """Batch norm over active sites: plain BatchNorm1d on the (M, C) feature matrix."""
+    """Batch norm over active sites: plain BatchNorm1d on the (M, C) feature matrix, without
+    cuDNN, whose batch norm on CUDA gives different bits run to run (PyTorch's own does not)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
 
     def forward(self, x: SparseFeatures) -> SparseFeatures:
-        return x.with_features(self.bn(x.features))
+        with torch.backends.cudnn.flags(enabled=False):
+            return x.with_features(self.bn(x.features))
 
 
 class SparseReLU(nn.Module):

@@ -22,11 +22,12 @@ MinkowskiEngine is the code a GPU runs:
   a bucket is one ``(offsets, rows, C)`` block (each offset's pairs padded to the bucket's
   largest count), gathered with one ``index_select`` and multiplied by its kernels with one
   ``torch.bmm``;
-* the products are summed into the output rows by one CSR sparse-matrix product (0/1 matrix,
-  deterministic on CPU and CUDA, no atomics); the centre of a stride-1 odd kernel is one dense
-  matmul whose result seeds that product (``addmm``);
+* the products are summed into the output rows in a fixed order, each output row's terms in
+  ascending layout order, no atomics (``RowSum``: a CSR 0/1 matrix product on the CPU, a
+  segmented sum on CUDA, where cuSPARSE's product differs run to run); the centre of a
+  stride-1 odd kernel is one dense matmul whose result seeds that sum;
 * partial sums are kept in fp32 whatever the autocast dtype and cast once at the end;
-* every index, padding and CSR structure is built with the kernel map (which synchronises with
+* every index, padding and summation structure is built with the kernel map (which synchronises with
   the host once, to learn the pair counts) and cached on it: a convolution never synchronises.
 
 ``GROUPING`` (env ``M2SKD_SPARSE_GROUPING``: ``auto``, ``gpu`` or ``cpu``) only chooses how many
@@ -58,8 +59,11 @@ _MAX_CHUNK_ELEMENTS = 1 << 27
 #: once; tests may assign it (it applies to kernel maps built afterwards).
 GROUPING = os.environ.get("M2SKD_SPARSE_GROUPING", "auto")
 #: Batched GEMMs per convolution in the GPU grouping (3 keeps a 3x3x3 conv's backward within
-#: 16 dispatches; padding then costs ~20% more GEMM rows on LiDAR scans).
+#: 17 dispatches on CUDA; padding then costs ~20% more GEMM rows on LiDAR scans).
 GPU_BUCKETS = 3
+#: How ``RowSum`` sums: None picks by device (segmented on CUDA, a CSR product on the CPU);
+#: tests set True so that a CPU run sums as CUDA does.
+SEGMENTED_SUMS: bool | None = None
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
@@ -251,10 +255,10 @@ class _Layout:
                 full[pos] = idx
                 self.gather[(side, pad != 0)] = full
         self._chunks: dict[int, list[_Chunk]] = {}
-        self._csr: dict[tuple, Tensor] = {}
+        self._sums: dict[tuple, RowSum] = {}
         for chunk in self.chunks(1):  # the common single-chunk plan, ready for fp32
             for side in ("a", "b"):
-                self.scatter(side, chunk, torch.float32)
+                self.scatter(side, chunk).prepare(torch.float32)
 
     def chunks(self, width: int) -> list[_Chunk]:
         """Slots grouped so that one chunk's gathered rows x ``width`` stay bounded (host only)."""
@@ -291,29 +295,16 @@ class _Layout:
         return _Chunk(cur["slot0"], cur["slot1"], cur["row0"], cur["row1"], cur["pair0"], pair1,
                       tuple(tuple(p) for p in cur["pieces"]))
 
-    def scatter(self, side: str, chunk: _Chunk, dtype: torch.dtype) -> Tensor:
-        """CSR 0/1 matrix (rows of ``side``) x (layout rows of ``chunk``): scatter-add as one SpMM.
-
-        Built without host synchronisation (row pointers by ``searchsorted``), cached per dtype.
-        """
-        key = (side, chunk.row0, chunk.row1, dtype)
-        csr = self._csr.get(key)
-        if csr is None:
-            idx = self.idx[side][chunk.pair0:chunk.pair1]
-            n_rows = self.n[side]
-            sorted_idx, order = torch.sort(idx, stable=True)
-            cols = (self.pos[chunk.pair0:chunk.pair1] - chunk.row0)[order]
-            crow = torch.searchsorted(sorted_idx, torch.arange(n_rows + 1, device=idx.device))
-            index_dtype = torch.int32 if max(idx.numel(), chunk.row1 - chunk.row0) < 2**31 - 1 else torch.int64
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                csr = torch.sparse_csr_tensor(
-                    crow.to(index_dtype), cols.to(index_dtype),
-                    torch.ones(idx.numel(), dtype=dtype, device=idx.device),
-                    size=(n_rows, chunk.row1 - chunk.row0), check_invariants=False,
-                )
-            self._csr[key] = csr
-        return csr
+    def scatter(self, side: str, chunk: _Chunk) -> "RowSum":
+        """Sums the layout rows of ``chunk`` into the rows of ``side``; built without host
+        synchronisation, cached."""
+        key = (side, chunk.row0, chunk.row1)
+        row_sum = self._sums.get(key)
+        if row_sum is None:
+            row_sum = RowSum(self.idx[side][chunk.pair0:chunk.pair1], self.n[side],
+                             sources=self.pos[chunk.pair0:chunk.pair1] - chunk.row0, n_sources=chunk.row1 - chunk.row0)
+            self._sums[key] = row_sum
+        return row_sum
 
 
 class KernelMap:
@@ -553,8 +544,7 @@ def _conv(x: Tensor, w_perm: Tensor, w_centre: Tensor | None, kmap: KernelMap, l
         partial = _buffer(1, ch.row1 - ch.row0, c_out, acc, x.device, reuse)
         for r, s, n, per in ch.pieces:
             _bmm(rows[r:r + n * per].view(n, per, c_in), w_perm[s:s + n], out=partial[r:r + n * per].view(n, per, c_out))
-        csr = lay.scatter(side_out, ch, acc)
-        out = torch.mm(csr, partial) if out is None else torch.addmm(out, csr, partial)
+        out = lay.scatter(side_out, ch)(partial, out)
     return out if out is not None else x.new_zeros(kmap.n_out, c_out, dtype=acc)
 
 
@@ -581,8 +571,7 @@ def _conv_backward(x: Tensor, g: Tensor, w_perm: Tensor, w_centre: Tensor | None
             for r, s, n, per in ch.pieces:
                 rows = slice(r, r + n * per)
                 _bmm(g_rows[rows].view(n, per, c_out), w_perm[s:s + n].transpose(1, 2), out=partial[rows].view(n, per, c_in))
-            csr = lay.scatter(side_in, ch, acc)
-            grad_x = torch.mm(csr, partial) if grad_x is None else torch.addmm(grad_x, csr, partial)
+            grad_x = lay.scatter(side_in, ch)(partial, grad_x)
     if need_x and grad_x is None:
         grad_x = x.new_zeros(kmap.n_in, c_in, dtype=acc)
     grad_w = None
@@ -687,32 +676,57 @@ def conv_transpose_forward(ctx: SparseContext, features: Tensor, stride: int, we
     return sparse_conv(features, weight, kmap), out_stride
 
 
-def _sum_matrix(index: Tensor, n_rows: int, values: Tensor | None = None, dtype=torch.float32) -> Tensor:
-    """CSR (n_rows x len(index)) with entry (index[j], j): ``S @ v`` sums the rows of v into
-    their ``index`` rows in a fixed order (no atomics), ``S.t() @ g`` gathers. No host sync."""
-    sorted_idx, order = torch.sort(index, stable=True)
-    crow = torch.searchsorted(sorted_idx, torch.arange(n_rows + 1, device=index.device))
-    if values is None:
-        values = torch.ones(index.numel(), dtype=dtype, device=index.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, order, values[order] if values.numel() else values,
-                                       size=(n_rows, index.numel()), check_invariants=False)
+class RowSum:
+    """Sums source rows into ``n_rows`` output rows: source ``sources[j]`` (``j`` if None),
+    times ``weights[j]`` if given, into row ``index[j]``; each output row's terms in ascending
+    ``j``, so every run gives the same bits. The CPU multiplies by a CSR matrix; on CUDA
+    cuSPARSE's CSR product splits long rows across threads and its bits differ run to run, so
+    there the sources are gathered in output order and summed by ``torch.segment_reduce``, one
+    thread a sum (on the CPU the two give the same bits). No host synchronisation."""
+
+    def __init__(self, index: Tensor, n_rows: int, sources: Tensor | None = None, n_sources: int | None = None,
+                 weights: Tensor | None = None, segmented: bool | None = None):
+        sorted_idx, order = torch.sort(index, stable=True)
+        self.offsets = torch.searchsorted(sorted_idx, torch.arange(n_rows + 1, device=index.device))
+        self.sources = order if sources is None else sources[order]
+        self.weights = None if weights is None else weights[order]
+        self.shape = (n_rows, index.numel() if n_sources is None else n_sources)
+        if segmented is None:
+            segmented = index.device.type == "cuda" if SEGMENTED_SUMS is None else SEGMENTED_SUMS
+        self.segmented = segmented
+        self._csr: dict[torch.dtype, Tensor] = {}
+
+    def prepare(self, dtype: torch.dtype) -> "RowSum":
+        """Builds the CPU's CSR matrix for ``dtype`` now rather than at the first sum."""
+        if not self.segmented and dtype not in self._csr:
+            n = self.sources.numel()
+            index_dtype = torch.int32 if max(n, self.shape[1]) < 2**31 - 1 else torch.int64
+            values = torch.ones(n, dtype=dtype, device=self.sources.device) if self.weights is None else self.weights.to(dtype)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # sparse CSR support is flagged beta
+                self._csr[dtype] = torch.sparse_csr_tensor(self.offsets.to(index_dtype), self.sources.to(index_dtype),
+                                                           values, size=self.shape, check_invariants=False)
+        return self
+
+    def __call__(self, values: Tensor, out: Tensor | None = None) -> Tensor:
+        """The sums of ``values``' rows (plus ``out`` if given, which may be overwritten)."""
+        if not self.segmented:
+            csr = self.prepare(values.dtype)._csr[values.dtype]
+            return torch.mm(csr, values) if out is None else torch.addmm(out, csr, values)
+        terms = values.index_select(0, self.sources)
+        if self.weights is not None:
+            terms *= self.weights.to(values.dtype)[:, None]
+        summed = torch.segment_reduce(terms, "sum", offsets=self.offsets, axis=0, unsafe=True)
+        return summed if out is None else out.add_(summed)
 
 
 class RowGather:
-    """``features[index]`` whose backward sums by a CSR product instead of ``index_add_``
+    """``features[index]`` whose backward sums by ``RowSum`` instead of ``index_add_``
     (atomic, so run-to-run different, on CUDA): per-point slicing stays deterministic."""
 
     def __init__(self, index: Tensor, n_rows: int):
         self.index = index
-        self.n_rows = n_rows
-        self._csr: dict[torch.dtype, Tensor] = {}
-
-    def matrix(self, dtype: torch.dtype) -> Tensor:
-        if dtype not in self._csr:
-            self._csr[dtype] = _sum_matrix(self.index, self.n_rows, dtype=dtype)
-        return self._csr[dtype]
+        self.row_sum = RowSum(index, n_rows)
 
     def __call__(self, features: Tensor) -> Tensor:
         return _RowGatherFunction.apply(features, self)
@@ -729,15 +743,32 @@ class _RowGatherFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
         with torch.autocast(grad.device.type, enabled=False):
-            summed = torch.mm(ctx.gather.matrix(acc), grad.to(acc).contiguous())
+            summed = ctx.gather.row_sum(grad.to(acc).contiguous())
         return summed.to(ctx.dtype), None
 
 
 def voxel_average(features: Tensor, inverse: Tensor, n_voxels: int) -> Tensor:
-    """Mean of the point features in each voxel (ME's UNWEIGHTED_AVERAGE quantisation), as one
-    CSR product with weights 1/count: a fixed summation order on every device."""
+    """Mean of the point features in each voxel (ME's UNWEIGHTED_AVERAGE quantisation): each
+    point weighted by 1/count and summed by ``RowSum``, a fixed order on every device."""
     acc = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
     counts = torch.bincount(inverse, minlength=n_voxels).clamp_(min=1)
-    weights = (1.0 / counts.to(acc))[inverse]
-    with torch.autocast(features.device.type, enabled=False):
-        return torch.mm(_sum_matrix(inverse, n_voxels, weights), features.to(acc)).to(features.dtype)
+    return _VoxelAverageFunction.apply(features, inverse, (1.0 / counts.to(acc))[inverse], n_voxels)
+
+
+class _VoxelAverageFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features: Tensor, inverse: Tensor, weights: Tensor, n_voxels: int) -> Tensor:
+        acc = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
+        ctx.save_for_backward(inverse, weights)
+        ctx.dtype = features.dtype
+        with torch.autocast(features.device.type, enabled=False):
+            row_sum = RowSum(inverse, n_voxels, weights=weights)
+            return row_sum(features.to(acc).contiguous()).to(features.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        inverse, weights = ctx.saved_tensors
+        acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+        point_grad = grad.to(acc).index_select(0, inverse) * weights.to(acc)[:, None]
+        return point_grad.to(ctx.dtype), None, None, None
