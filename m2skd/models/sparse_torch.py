@@ -67,6 +67,11 @@ SEGMENTED_SUMS: bool | None = None
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums run in fp64 for fp64 data, else in fp32 (also under bf16/fp16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def grouping_for(device: torch.device) -> str:
     """The grouping a convolution on ``device`` uses under the current ``GROUPING`` setting."""
     name = GROUPING
@@ -537,7 +542,7 @@ def _conv(x: Tensor, w_perm: Tensor, w_centre: Tensor | None, kmap: KernelMap, l
     """out[o] = sum over pairs (i, o) at offset k of x[i] @ W_k, in fp32 (fp64 for fp64)."""
     side_in, side_out = kmap.sides
     c_in, c_out = w_perm.shape[1], w_perm.shape[2]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _accumulation_dtype(x.dtype)
     out = _mm(x, w_centre) if w_centre is not None else None
     for ch in lay.chunks(max(c_in, c_out)):
         rows = _gather(x, lay.gather[(side_in, False)][ch.row0:ch.row1], 0, reuse)
@@ -553,7 +558,7 @@ def _conv_backward(x: Tensor, g: Tensor, w_perm: Tensor, w_centre: Tensor | None
     """fp32 (fp64) gradients of ``_conv``; gathers of ``g`` are shared by both gradients."""
     side_in, side_out = kmap.sides
     c_in, c_out = x.shape[1], g.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _accumulation_dtype(x.dtype)
     grad_x = _mm(g, w_centre.t()) if need_x and w_centre is not None else None
     slot_grads = []
     # Padded rows must add nothing to grad_w: gather x from a copy with a zero row appended
@@ -741,7 +746,7 @@ class _RowGatherFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+        acc = _accumulation_dtype(grad.dtype)
         with torch.autocast(grad.device.type, enabled=False):
             summed = ctx.gather.row_sum(grad.to(acc).contiguous())
         return summed.to(ctx.dtype), None
@@ -750,25 +755,24 @@ class _RowGatherFunction(torch.autograd.Function):
 def voxel_average(features: Tensor, inverse: Tensor, n_voxels: int) -> Tensor:
     """Mean of the point features in each voxel (ME's UNWEIGHTED_AVERAGE quantisation): each
     point weighted by 1/count and summed by ``RowSum``, a fixed order on every device."""
-    acc = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
     counts = torch.bincount(inverse, minlength=n_voxels).clamp_(min=1)
-    return _VoxelAverageFunction.apply(features, inverse, (1.0 / counts.to(acc))[inverse], n_voxels)
+    weights = (1.0 / counts.to(_accumulation_dtype(features.dtype)))[inverse]
+    return _VoxelAverageFunction.apply(features, inverse, weights, n_voxels)
 
 
 class _VoxelAverageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: Tensor, inverse: Tensor, weights: Tensor, n_voxels: int) -> Tensor:
-        acc = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
+        """``weights`` (1/count per point) are in the accumulation dtype."""
         ctx.save_for_backward(inverse, weights)
         ctx.dtype = features.dtype
         with torch.autocast(features.device.type, enabled=False):
             row_sum = RowSum(inverse, n_voxels, weights=weights)
-            return row_sum(features.to(acc).contiguous()).to(features.dtype)
+            return row_sum(features.to(weights.dtype).contiguous()).to(features.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         inverse, weights = ctx.saved_tensors
-        acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
-        point_grad = grad.to(acc).index_select(0, inverse) * weights.to(acc)[:, None]
+        point_grad = grad.to(weights.dtype).index_select(0, inverse) * weights[:, None]
         return point_grad.to(ctx.dtype), None, None, None
