@@ -2,7 +2,7 @@
 
 synth -> prepare -> train-teacher -> cache-teacher -> train-student (distilled) and the
 baseline (same everything, no distillation) -> eval of all three on the val sequence ->
-pictures (`m2skd show`).
+pictures (`m2skd show`). The baseline needs no teacher, so it trains beside it (train_all).
 Every step is the same library call the stage commands make; re-running resumes.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from m2skd.trainer import current_model, train
 
 from .cache_teacher import CacheConfig, run_cache
 from .evaluate import run_eval
-from .parallel import run_tasks, torch_threads
+from .parallel import Task, run_graph, torch_threads
 from .prepare import PrepareConfig, run_prepare
 from .show import run_show
 from .stats import run_stats
@@ -98,21 +98,45 @@ def train_or_resume(run, role: str, name: str, config, callback=None) -> str:
     return train(run, role, config, name=name, overwrite=True, callback=callback)["checkpoint"]
 
 
-def train_student(task) -> tuple[tuple[str, str], str]:
-    """One student run with `threads` torch threads. Students run side by side, one thread each
-    on 2 cores: the sparse ops scale poorly across threads, so two 1-thread runs finish in 0.6x
-    the time of the same two runs one after the other."""
+def task_threads(size: DemoSize) -> int:
+    """torch threads of one training in a graph of `size.jobs` at a time: the cores shared out.
+    Runs side by side on one thread each beat one run on all: the sparse ops scale poorly across
+    threads, so two 1-thread runs on 2 cores finish in 0.6x the time of the two one after the other."""
+    return max(1, (os.cpu_count() or 1) // size.jobs)
+
+
+def _step_reporter(steps, run, name):
+    return (lambda step, total, logs: steps.put((str(run), name, step))) if steps is not None else None
+
+
+def train_student(task) -> str:
+    """One student run with `threads` torch threads (a task of train_all's graph)."""
     run, name, config, threads, steps = task
-    report = (lambda step, total, logs: steps.put((run, name, step))) if steps is not None else None
     with torch_threads(threads):
-        return (run, name), train_or_resume(run, "student", name, config, callback=report)
+        return train_or_resume(run, "student", name, config, callback=_step_reporter(steps, run, name))
 
 
-def train_students_reporting_steps(tasks: list, jobs: int, p) -> list:
-    """The students' steps summed over the runs under way, on progress `p`: each run's training
-    callback sends its step through a queue that a thread here drains, so a log shows steps
-    (rate, ETA) while the runs work in their own processes, not only runs as they end."""
-    p(total=sum(config.steps for _, _, config, _ in tasks))
+def make_teacher(run, config, backend: str, jobs: int = 1, callback=None, cache_progress=None) -> tuple[str, dict]:
+    """A run's teacher trained (or resumed) and cached, both only where missing. Val is cached
+    too: the transfer diagnostic reads the teacher's val targets instead of re-running it per checkpoint."""
+    teacher = train_or_resume(run, "teacher", "teacher", config, callback=callback)
+    cache = run_cache(run, teacher, CacheConfig(backend=backend, splits=("train", "val")), jobs=jobs, progress=cache_progress)
+    return teacher, cache
+
+
+def _teacher_task(task) -> tuple[str, dict]:
+    run, config, backend, threads, steps = task
+    with torch_threads(threads):
+        return make_teacher(run, config, backend, callback=_step_reporter(steps, run, "teacher"))
+
+
+def run_reporting_steps(build, total: int, jobs: int, p) -> dict:
+    """run_graph over build(steps) with the trainings' steps summed on progress `p`: each run's
+    training callback sends its step through a queue that a thread here drains, so a log shows
+    steps (rate, ETA) while the runs work in their own processes, not only runs as they end."""
+    if not p:
+        return run_graph(build(None), jobs)
+    p(total=total)
     with multiprocessing.Manager() as manager:
         steps, at = manager.Queue(), {}
 
@@ -122,10 +146,10 @@ def train_students_reporting_steps(tasks: list, jobs: int, p) -> list:
                 at[(run, name)] = step
                 p(set_to=sum(at.values()))
 
-        reader = threading.Thread(target=drain, name="student-steps", daemon=True)
+        reader = threading.Thread(target=drain, name="training-steps", daemon=True)
         reader.start()
         try:
-            return run_tasks(train_student, [(*t, steps) for t in tasks], jobs)
+            return run_graph(build(steps), jobs)
         finally:
             steps.put(None)
             reader.join()
@@ -144,12 +168,12 @@ def run_dir_for(out_dir, fusion: str = "hard") -> Path:
     return storage.path(out_dir) / ("run" if fusion == "hard" else f"run-{fusion}")
 
 
-def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "auto", overrides: dict | None = None,
-                 on_stage=None, progress_factory=None, fusion: str = "hard") -> dict:
-    """What every student of a demo (or a study) shares: synthetic data, prepared shards, the
-    teacher and its cache, each made only if missing. Returns paths, summaries and the base
-    training overrides the students use. `fusion` picks the teacher's input (prepare's
-    --fusion), in its own run directory (run_dir_for); the synthetic data is shared."""
+def prepare_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "auto", overrides: dict | None = None,
+                   on_stage=None, progress_factory=None, fusion: str = "hard") -> dict:
+    """What every student of a demo (or a study) shares before its teacher: synthetic data and
+    prepared shards, each made only if missing, and the teacher's and students' base settings.
+    `fusion` picks the teacher's input (prepare's --fusion), in its own run directory
+    (run_dir_for); the synthetic data is shared."""
     s = SIZES[size]
     out = storage.path(out_dir)
     data, run = out / "data", run_dir_for(out, fusion)
@@ -171,18 +195,25 @@ def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "
     voxel_size = load_config(s.config, base).voxel_size  # the gain fusion gives hard instances at the training voxels
     prep = run_prepare(data, run, PrepareConfig(FusionConfig(mode=fusion), frames_per_shard=10), jobs=s.jobs, progress=bar("prepare"),
                        voxel_size=voxel_size)
+    return {"size": s, "data": data, "run": run, "prepare": prep, "base": base, "fusion": fusion,
+            "teacher_config": load_config(s.config, {"steps": s.teacher_steps, "seed": seed, **base})}
 
+
+def build_shared(out_dir, size: str = "default", seed: int = 0, backend: str = "auto", overrides: dict | None = None,
+                 on_stage=None, progress_factory=None, fusion: str = "hard") -> dict:
+    """prepare_shared's dict with the teacher trained and cached here, in this process (its
+    "teacher" and "cache"); a demo or a study trains theirs in train_all's graph instead."""
+    shared = prepare_shared(out_dir, size, seed, backend, overrides, on_stage, progress_factory, fusion)
+    announce = on_stage or (lambda name: None)
+    bar = progress_factory or (lambda name: None)
     announce("train teacher" if fusion == "hard" else f"train teacher (fusion {fusion})")
+    run = shared["run"]
     p = None if RunDir(run).model("teacher").exists() else bar("train teacher")
-    teacher = train_or_resume(
-        run, "teacher", "teacher", load_config(s.config, {"steps": s.teacher_steps, "seed": seed, **base}),
-        callback=(lambda step, total, logs: p(total=total, done=None, set_to=step, postfix=logs)) if p else None)
-    announce("cache-teacher")
-    # val too: the transfer diagnostic reads the teacher's val targets once instead of re-running it per checkpoint
-    cache = run_cache(run, teacher, CacheConfig(backend=backend, splits=("train", "val")), jobs=s.jobs,
-                      progress=bar("cache-teacher"))
-    return {"size": s, "data": data, "run": run, "prepare": prep, "cache": cache, "teacher": teacher, "base": base,
-            "fusion": fusion}
+    shared["teacher"], shared["cache"] = make_teacher(
+        run, shared["teacher_config"], backend, jobs=shared["size"].jobs,
+        callback=(lambda step, total, logs: p(total=total, done=None, set_to=step, postfix=logs)) if p else None,
+        cache_progress=bar("cache-teacher"))
+    return shared
 
 
 def plan_students(shared: dict, student_seeds, demo_seed: int, arms: dict | None = None) -> tuple[dict, dict]:
@@ -204,35 +235,56 @@ def plan_students(shared: dict, student_seeds, demo_seed: int, arms: dict | None
     return pairs, configs
 
 
-def train_students(shared: dict, configs: dict, on_stage=None, progress_factory=None, where: dict | None = None) -> dict:
-    """label -> finished checkpoint for every run in `configs` (label -> config); the missing
-    ones are trained, `size.jobs` side by side (each resumes if it was interrupted). A label is
-    the run's name in shared["run"] unless `where` maps it to (run directory, name)."""
-    s = shared["size"]
-    where = where or {}
+def train_all(by_fusion: dict, students: dict, on_stage=None, progress_factory=None, extra: dict | None = None) -> dict:
+    """label -> finished checkpoint of every student of `students` (label -> (fusion of the run
+    directory it lives in, run name, config)), after each teacher of `by_fusion` (fusion ->
+    prepare_shared's dict, given its "teacher" and "cache" here) is trained and cached where
+    missing. One graph, size.jobs runs at a time: baselines need no teacher, so they train beside
+    the teachers, and a distilled student starts once its own teacher's cache exists. `extra`
+    (key -> Task) joins the graph after the trainings; a need naming a run that is already
+    finished is met. Each run resumes if it was interrupted."""
     announce = on_stage or (lambda name: None)
     bar = progress_factory or (lambda name: None)
-    trained, todo, labels = {}, [], {}
-    for label, config in configs.items():
-        run, name = where.get(label, (shared["run"], label))
-        done = current_model(run, name, "student", config)
+    s = next(iter(by_fusion.values()))["size"]
+    threads = task_threads(s)
+    specs, total, trained = {}, 0, {}
+    for fusion, shared in by_fusion.items():
+        run, config = shared["run"], shared["teacher_config"]
+        if current_model(run, "teacher", "teacher", config):
+            announce("cache-teacher" if fusion == "hard" else f"cache-teacher (fusion {fusion})")
+            shared["teacher"], shared["cache"] = make_teacher(run, config, shared["base"]["backend"], jobs=s.jobs,
+                                                              cache_progress=bar("cache-teacher"))
+        else:
+            specs[("teacher", fusion)] = (_teacher_task, (str(run), config, shared["base"]["backend"], threads), ())
+            total += config.steps
+    for label, (fusion, name, config) in students.items():
+        run = by_fusion[fusion]["run"]
+        # a student of a teacher trained now is trained after it: its present model was distilled from another cache
+        needs = tuple(k for k in [("teacher", fusion)] if config.distill_enabled() and k in specs)
+        done = None if needs else current_model(run, name, "student", config)
         if done:
             trained[label] = done
         else:
-            todo.append((str(run), name, config))
-            labels[(str(run), name)] = label
-    if todo:
-        jobs = min(s.jobs, len(todo))
-        announce(f"train {', '.join(labels[(r, n)] for r, n, _ in todo)} ({jobs} at a time)")
-        p = bar("train students")
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        tasks = [(*t, threads) for t in todo]
-        if p:
-            results = train_students_reporting_steps(tasks, jobs, p)
+            specs[label] = (train_student, (str(run), name, config, threads), needs)
+            total += config.steps
+    trainings = list(specs)
+    for key, task in (extra or {}).items():
+        specs[key] = (task.fn, task.arg, tuple(n for n in task.needs if n in trainings))
+    if not specs:
+        return trained
+    labels = [label if isinstance(label, str) else f"teacher ({label[1]})" for label in trainings]
+    announce(f"train {', '.join(labels)}" + (f" and {len(specs) - len(trainings)} evaluations" if extra else "")
+             + f" ({s.jobs} at a time)")
+
+    def build(steps):
+        return {key: Task(fn, (*arg, steps) if key in trainings else arg, needs) for key, (fn, arg, needs) in specs.items()}
+
+    results = run_reporting_steps(build, total, s.jobs, bar("train"))
+    for key in trainings:
+        if isinstance(key, tuple):
+            by_fusion[key[1]]["teacher"], by_fusion[key[1]]["cache"] = results[key]
         else:
-            results = run_tasks(train_student, [(*t, None) for t in tasks], jobs)
-        for key, checkpoint in results:
-            trained[labels[key]] = checkpoint
+            trained[key] = results[key]
     return trained
 
 
@@ -248,11 +300,13 @@ def run_demo(out_dir, size: str = "default", seed: int = 0, backend: str = "auto
     student_seeds = tuple(student_seeds) if student_seeds else (seed,)
     announce = on_stage or (lambda name: None)
     bar = progress_factory or (lambda name: None)
-    shared = build_shared(out_dir, size, seed, backend, overrides, on_stage, progress_factory)
+    shared = prepare_shared(out_dir, size, seed, backend, overrides, on_stage, progress_factory)
     s, run = shared["size"], shared["run"]
     pairs_by_arm, configs = plan_students(shared, student_seeds, seed)
     (pairs,) = pairs_by_arm.values()
-    trained = {"teacher": shared["teacher"], **train_students(shared, configs, on_stage, progress_factory)}
+    students = {label: ("hard", label, config) for label, config in configs.items()}
+    trained = train_all({"hard": shared}, students, on_stage, progress_factory)
+    trained["teacher"] = shared["teacher"]
 
     announce("eval")
     ordered = [trained[b] for _, b in pairs] + [trained[d] for d, _ in pairs] + [trained["teacher"]]

@@ -1,9 +1,12 @@
-"""joblib execution shared by prepare and cache-teacher: loky locally, Dask beyond one machine."""
+"""joblib execution shared by prepare and cache-teacher: loky locally, Dask beyond one machine;
+and a small task graph for the demo's and the study's trainings."""
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterable
 
 import torch
 from joblib import Parallel, delayed, parallel_config
@@ -45,10 +48,7 @@ def run_tasks(fn: Callable, tasks: Iterable, jobs: int, on_done: Callable | None
     """fn(task) for each task, results in completion order; on_done(task, result) as each ends."""
     tasks = list(tasks)
     results = []
-    with backend(dask_scheduler), warnings.catch_warnings():
-        # loky replaces a worker whose memory grew 300 MB past its first task (a torch training's
-        # allocator caches do) and warns of a leak; the task's result is unaffected
-        warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given to the executor")
+    with backend(dask_scheduler), _quiet_worker_restarts():
         if jobs == 1 and not dask_scheduler:
             stream = ((t, fn(t)) for t in tasks)
         else:
@@ -58,4 +58,74 @@ def run_tasks(fn: Callable, tasks: Iterable, jobs: int, on_done: Callable | None
             results.append(result)
             if on_done:
                 on_done(task, result)
+    return results
+
+
+@dataclass(frozen=True)
+class Task:
+    """fn(arg), started once every task named in `needs` has finished."""
+    fn: Callable
+    arg: object
+    needs: tuple = field(default_factory=tuple)
+
+
+@contextlib.contextmanager
+def _quiet_worker_restarts():
+    with warnings.catch_warnings():
+        # loky replaces a worker whose memory grew 300 MB past its first task (a torch training's
+        # allocator caches do) and warns of a leak; the task's result is unaffected
+        warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given to the executor")
+        yield
+
+
+def run_graph(tasks: dict[Hashable, Task], jobs: int, on_done: Callable | None = None) -> dict:
+    """key -> result of each task, up to `jobs` in worker processes at a time, a ready task
+    started in the order `tasks` gives: a study's baselines train beside its teachers and a
+    distilled student starts as soon as its own teacher's cache exists, with no core left idle
+    waiting for a stage to end. on_done(key, result) as each ends. When a task fails, none
+    is started after it; its error is raised once those under way have ended."""
+    unknown = sorted({str(n) for t in tasks.values() for n in t.needs if n not in tasks})
+    if unknown:
+        raise ValueError(f"tasks need tasks that are not in the graph: {', '.join(unknown)}")
+    pending, results = dict(tasks), {}
+
+    def ready():
+        return [k for k, t in pending.items() if all(n in results for n in t.needs)]
+
+    def finish(key, result):
+        results[key] = result
+        if on_done:
+            on_done(key, result)
+
+    if jobs == 1:
+        while pending:
+            if not ready():
+                raise ValueError(f"tasks that need each other: {', '.join(map(str, pending))}")
+            key = ready()[0]
+            task = pending.pop(key)
+            finish(key, task.fn(task.arg))
+        return results
+    # loky's executor (joblib's engine) but a pool of the graph's own: joblib's shared one is set up for its memmapping
+    from joblib.externals.loky import ProcessPoolExecutor  # noqa: PLC0415 - only where workers are used
+
+    running, error = {}, None
+    with _quiet_worker_restarts(), ProcessPoolExecutor(max_workers=jobs) as executor:
+        while pending or running:
+            if error is None:
+                for key in ready()[:jobs - len(running)]:
+                    task = pending.pop(key)
+                    running[executor.submit(task.fn, task.arg)] = key
+            if not running:
+                if error is None:
+                    raise ValueError(f"tasks that need each other: {', '.join(map(str, pending))}")
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = running.pop(future)
+                if future.exception() is not None:
+                    error = error or future.exception()
+                else:
+                    finish(key, future.result())
+    if error is not None:
+        raise error
     return results

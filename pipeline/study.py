@@ -40,10 +40,12 @@ from m2skd.instances import POINT_BUCKETS
 from m2skd.losses import kd_weight_for
 from m2skd.plots import effect_plot
 from m2skd.rundir import RunDir, model_label
+from m2skd.trainer import current_model
 from m2skd.stats import paired_effect
 
-from .demo import SIZES, build_shared, plan_students, train_students
+from .demo import SIZES, plan_students, prepare_shared, task_threads, train_all
 from .evaluate import METRICS_FILE, run_eval, transfer_diagnostic
+from .parallel import Task, torch_threads
 
 TEACHERS = ("none", "hard", "all")
 SUMMARY_METRICS = (("hard_miou", "hard-class mIoU"), ("miou", "mIoU"))
@@ -94,18 +96,48 @@ def _stamp(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def evaluate_each(run: Path, checkpoints: dict[str, str], data, max_scans, backend: str, progress=None) -> dict:
+def _eval_key(ckpt, data, max_scans) -> dict:
+    return {"checkpoint": _stamp(ckpt), "max_scans": max_scans, "split": "val", "data": str(storage.path(data).resolve())}
+
+
+def _evaluated(run: Path, name: str, ckpt, data, max_scans) -> bool:
+    out = RunDir(run).study_eval(name)
+    return ((out / "stamp.json").is_file() and (out / METRICS_FILE).is_file()
+            and read_json(out / "stamp.json") == _eval_key(ckpt, data, max_scans))
+
+
+def _diagnosis_key(ckpt, teacher_ckpt, max_scans) -> dict:
+    return {"checkpoint": _stamp(ckpt), "teacher": _stamp(teacher_ckpt), "max_scans": max_scans, "split": "val"}
+
+
+def _diagnosed(run: Path, item: tuple[str, str, str, str], max_scans) -> bool:
+    label, ckpt, teacher, teacher_ckpt = item
+    path = RunDir(run).study_transfer(teacher, label)
+    return path.is_file() and read_json(path).get("key") == _diagnosis_key(ckpt, teacher_ckpt, max_scans)
+
+
+def evaluate_and_diagnose(task) -> None:
+    """One checkpoint's evaluation and its transfer diagnostics, as a task of the study's graph
+    (each kept where evaluate_each and diagnose_each find it). No loader process: the graph's
+    worker is one already, and the cores are shared out between its tasks."""
+    run, label, ckpt, data, max_scans, backend, todo, threads = task
+    with torch_threads(threads):
+        evaluate_each(run, {label: ckpt}, data, max_scans, backend, workers=0)
+        diagnose_each(run, todo, max_scans, backend)
+
+
+def evaluate_each(run: Path, checkpoints: dict[str, str], data, max_scans, backend: str, progress=None, workers: int = 1) -> dict:
     """label -> metrics (as `m2skd eval` writes them) for each checkpoint, evaluated alone into
     RUN/study/eval/<label>/ and reused while the checkpoint file and the settings are unchanged."""
     results = {}
     for name, ckpt in checkpoints.items():
         out = RunDir(run).study_eval(name)
-        key = {"checkpoint": _stamp(ckpt), "max_scans": max_scans, "split": "val", "data": str(storage.path(data).resolve())}
+        key = _eval_key(ckpt, data, max_scans)
         stamp = out / "stamp.json"
-        if stamp.is_file() and (out / METRICS_FILE).is_file() and read_json(stamp) == key:
+        if _evaluated(run, name, ckpt, data, max_scans):
             results[name] = next(iter(read_json(out / METRICS_FILE).values()))
             continue
-        report = run_eval([ckpt], split="val", data_root=data, out_dir=out, backend=backend, workers=1,
+        report = run_eval([ckpt], split="val", data_root=data, out_dir=out, backend=backend, workers=workers,
                           max_scans=max_scans, progress=progress)
         results[name] = next(iter(report["results"].values()))
         write_json_atomic(stamp, key)
@@ -119,8 +151,8 @@ def diagnose_each(run: Path, todo: list[tuple[str, str, str, str]], max_scans, b
     out: dict[str, dict] = {}
     for label, ckpt, teacher, teacher_ckpt in todo:
         path = RunDir(run).study_transfer(teacher, label)
-        key = {"checkpoint": _stamp(ckpt), "teacher": _stamp(teacher_ckpt), "max_scans": max_scans, "split": "val"}
-        if path.is_file() and read_json(path).get("key") == key:
+        key = _diagnosis_key(ckpt, teacher_ckpt, max_scans)
+        if _diagnosed(run, (label, ckpt, teacher, teacher_ckpt), max_scans):
             out.setdefault(teacher, {})[label] = read_json(path)["result"]
             continue
         result = transfer_diagnostic(ckpt, teacher_ckpt, "val", max_scans=max_scans, backend=backend)
@@ -222,14 +254,14 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
     teachers = tuple(t for t in TEACHERS if t in teachers)
     announce = on_stage or (lambda name: None)
     bar = progress_factory or (lambda name: None)
-    shared = build_shared(out_dir, size, seed, backend, overrides, on_stage, progress_factory)
+    shared = prepare_shared(out_dir, size, seed, backend, overrides, on_stage, progress_factory)
     run = shared["run"]
-    by_teacher = {t: shared if t == "hard" else build_shared(out_dir, size, seed, backend, overrides, on_stage,
-                                                              progress_factory, fusion=t)
+    by_teacher = {t: shared if t == "hard" else prepare_shared(out_dir, size, seed, backend, overrides, on_stage,
+                                                                progress_factory, fusion=t)
                   for t in teachers}
 
     pairs: dict[str, dict] = {}
-    configs, where = {}, {}
+    students, arm_forms = {}, {}
     for t, t_shared in by_teacher.items():
         t_pairs, t_configs = plan_students(t_shared, seeds, seed, arms)
         pairs[t] = {arm: [(student_label(d, t), b) for d, b in arm_pairs] for arm, arm_pairs in t_pairs.items()}
@@ -238,22 +270,27 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
         baselines = {name: cfg for name, cfg in t_configs.items() if not cfg.distill_enabled()}
         check_existing(t_shared["run"], distilled)
         check_existing(run, baselines)
-        for name, cfg in distilled.items():
-            configs[student_label(name, t)] = cfg
-            where[student_label(name, t)] = (t_shared["run"], name)
-        configs.update(baselines)
-    checkpoints = train_students(shared, configs, on_stage, progress_factory, where=where)
-    for t, t_shared in by_teacher.items():
-        checkpoints[teacher_label(t)] = t_shared["teacher"]
-
-    announce("eval")
+        students |= {student_label(name, t): (t, name, cfg) for name, cfg in distilled.items()}
+        students |= {name: ("hard", name, cfg) for name, cfg in baselines.items()}
+    # the baselines live in OUT/run beside the method's teacher, which is always made
+    fusions = {"hard": shared, **by_teacher}
     max_scans = SIZES[size].eval_scans
-    metrics = evaluate_each(run, checkpoints, shared["data"], max_scans, backend, progress=bar("eval"))
-    announce("transfer diagnostic")
+    checkpoints = {label: str(RunDir(fusions[t]["run"]).model(name)) for label, (t, name, _) in students.items()}
+    checkpoints |= {teacher_label(t): str(RunDir(t_shared["run"]).model("teacher")) for t, t_shared in by_teacher.items()}
     # every student paired with a teacher, and the teacher itself on single scans (what fusion changes in its outputs)
-    todo = [(label, checkpoints[label], t, by_teacher[t]["teacher"]) for t in teachers
+    todo = [(label, checkpoints[label], t, checkpoints[teacher_label(t)]) for t in teachers
             for label in dict.fromkeys([n for arm_pairs in pairs[t].values() for pair in arm_pairs for n in pair]
                                        + [teacher_label(t)])]
+    retrained = {t for t, t_shared in fusions.items()
+                 if not current_model(t_shared["run"], "teacher", "teacher", t_shared["teacher_config"])}
+    evaluations = _evaluation_tasks(run, checkpoints, todo, students, retrained, shared["data"], max_scans, backend,
+                                    task_threads(shared["size"]))
+    checkpoints |= train_all(fusions, students, on_stage, progress_factory, extra=evaluations)
+    checkpoints |= {teacher_label(t): t_shared["teacher"] for t, t_shared in by_teacher.items()}
+
+    announce("eval")
+    metrics = evaluate_each(run, checkpoints, shared["data"], max_scans, backend, progress=bar("eval"))
+    announce("transfer diagnostic")
     diagnostics = diagnose_each(run, todo, max_scans, backend)
 
     by_teacher_arm: dict[str, dict] = {}
@@ -287,6 +324,26 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
     }
     write_json_atomic(out / "study.json", record)
     return {**record, "table": table, "out_dir": str(out)}
+
+
+def _evaluation_tasks(run: Path, checkpoints: dict, todo: list, students: dict, retrained: set, data, max_scans,
+                      backend: str, threads: int) -> dict:
+    """("eval", label) -> Task for each checkpoint whose evaluation or a diagnostic is missing,
+    or that a teacher trained now makes stale (its own, or one it is diagnosed against): in the
+    training graph they run beside the trainings still under way, not one by one after the last.
+    `retrained`: the fusions whose teachers are trained now."""
+    own = {label: (students[label][0] if label in students else label.partition("@")[2] or "hard") for label in checkpoints}
+    tasks = {}
+    for label, ckpt in checkpoints.items():
+        items = [item for item in todo if item[0] == label]
+        teachers = {item[2] for item in items}
+        needs = (label if label in students else ("teacher", own[label]), *sorted(("teacher", t) for t in teachers))
+        exists = storage.path(ckpt).exists() and all(storage.path(item[3]).exists() for item in items)
+        if (exists and not (teachers | {own[label]}) & retrained and _evaluated(run, label, ckpt, data, max_scans)
+                and all(_diagnosed(run, item, max_scans) for item in items)):
+            continue
+        tasks[("eval", label)] = Task(evaluate_and_diagnose, (run, label, ckpt, data, max_scans, backend, items, threads), needs)
+    return tasks
 
 
 def teacher_standing(metrics: dict, arm_pairs: dict, teacher: str, run) -> dict:

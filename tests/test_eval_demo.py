@@ -100,7 +100,7 @@ def test_student_progress_counts_steps_while_the_runs_work(demo):
         return lambda **kwargs: calls.append(kwargs)
 
     run_demo(out, size="tiny", backend="torch", student_seeds=[2], progress_factory=factory)
-    calls, steps = seen["train students"], SIZES["tiny"].student_steps
+    calls, steps = seen["train"], SIZES["tiny"].student_steps
     assert calls[0] == {"total": 2 * steps}
     # each step of either run adds one: 1, 2, ..., 2 * steps whatever the interleaving
     assert [c["set_to"] for c in calls[1:]] == list(range(1, 2 * steps + 1))
