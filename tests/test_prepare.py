@@ -1,4 +1,5 @@
 """prepare: hard-class fusion, shard contents, manifest, and resumption after a crash."""
+import json
 import zlib
 
 import numpy as np
@@ -218,3 +219,20 @@ def test_prepare_reports_the_occupied_voxel_gain_of_hard_instances(small_dataset
     assert fine["voxels_single"] <= single and fine["voxels_fused"] <= fused
     summary = run_prepare(small_dataset, run, PrepareConfig(FusionConfig(), frames_per_shard=4), voxel_size=0.2)
     assert summary["hard_instance_voxel_gain"] == pytest.approx(fine["voxel_gain"])
+
+
+def test_occupancy_gain_is_kept_for_the_shards_it_was_measured_on(prepared_run, monkeypatch):
+    """A re-run of a finished demo or study does not read every shard again for the gain; the
+    kept figure is used only while the manifest lists the same shard contents."""
+    from m2skd.pipeline import prepare
+
+    run, _ = prepared_run
+    first = prepare.occupancy_gain(run, 0.3)
+    memo = RunDir(run).prepare / "occupancy_gain_0.3.json"
+    kept = json.loads(memo.read_text())
+    monkeypatch.setattr(prepare, "shard_occupancy", lambda *a: pytest.fail("a shard was read again"))
+    assert prepare.occupancy_gain(run, 0.3) == first
+    monkeypatch.undo()
+    memo.write_text(json.dumps({**kept, "manifest": "other shards", "gain": {**first, "voxel_gain": -1.0}}))
+    assert prepare.occupancy_gain(run, 0.3) == first  # measured again
+    assert json.loads(memo.read_text())["manifest"] == kept["manifest"]
