@@ -58,7 +58,7 @@ class DemoSize:
 
 SIZES = {
     "default": DemoSize(),
-    # the study of record: the demo's data, a teacher trained 4x longer, students 3x longer,
+    # the first study's size: the demo's data, a teacher trained 4x longer, students 3x longer,
     # every second val scan evaluated
     "study": DemoSize(teacher_steps=1200, student_steps=600, eval_scans=150),
     # the study's steps on 10 train drives (400 scans): a teacher that cannot learn 80 scans by heart
