@@ -239,8 +239,9 @@ def occupancy_gain(run_dir, voxel_size: float, splits=None, jobs: int = 1) -> di
     # kept beside the manifest for the shards it lists: a re-run of a finished demo or study reads no shard for it
     memo = run.prepare / f"occupancy_gain_{float(voxel_size)!r}{''.join('_' + s for s in sorted(splits or ()))}.json"
     key = meta.get("content_fingerprint")
-    if key and storage.path(memo).exists() and read_json(memo).get("manifest") == key:
-        return read_json(memo)["gain"]
+    kept = read_json(memo) if key and storage.path(memo).exists() else {}
+    if kept.get("manifest") == key and "gain" in kept:
+        return kept["gain"]
     if splits:
         manifest = manifest[manifest["split"].isin(list(splits))]
     shards = sorted(manifest["shard"].unique())

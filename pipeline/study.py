@@ -100,20 +100,18 @@ def _eval_key(ckpt, data, max_scans) -> dict:
     return {"checkpoint": _stamp(ckpt), "max_scans": max_scans, "split": "val", "data": str(storage.path(data).resolve())}
 
 
-def _evaluated(run: Path, name: str, ckpt, data, max_scans) -> bool:
+def _evaluated(run: Path, name: str, key: dict) -> bool:
     out = RunDir(run).study_eval(name)
-    return ((out / "stamp.json").is_file() and (out / METRICS_FILE).is_file()
-            and read_json(out / "stamp.json") == _eval_key(ckpt, data, max_scans))
+    return (out / "stamp.json").is_file() and (out / METRICS_FILE).is_file() and read_json(out / "stamp.json") == key
 
 
 def _diagnosis_key(ckpt, teacher_ckpt, max_scans) -> dict:
     return {"checkpoint": _stamp(ckpt), "teacher": _stamp(teacher_ckpt), "max_scans": max_scans, "split": "val"}
 
 
-def _diagnosed(run: Path, item: tuple[str, str, str, str], max_scans) -> bool:
-    label, ckpt, teacher, teacher_ckpt = item
+def _diagnosed(run: Path, label: str, teacher: str, key: dict) -> bool:
     path = RunDir(run).study_transfer(teacher, label)
-    return path.is_file() and read_json(path).get("key") == _diagnosis_key(ckpt, teacher_ckpt, max_scans)
+    return path.is_file() and read_json(path).get("key") == key
 
 
 def evaluate_and_diagnose(task) -> None:
@@ -134,7 +132,7 @@ def evaluate_each(run: Path, checkpoints: dict[str, str], data, max_scans, backe
         out = RunDir(run).study_eval(name)
         key = _eval_key(ckpt, data, max_scans)
         stamp = out / "stamp.json"
-        if _evaluated(run, name, ckpt, data, max_scans):
+        if _evaluated(run, name, key):
             results[name] = next(iter(read_json(out / METRICS_FILE).values()))
             continue
         report = run_eval([ckpt], split="val", data_root=data, out_dir=out, backend=backend, workers=workers,
@@ -152,7 +150,7 @@ def diagnose_each(run: Path, todo: list[tuple[str, str, str, str]], max_scans, b
     for label, ckpt, teacher, teacher_ckpt in todo:
         path = RunDir(run).study_transfer(teacher, label)
         key = _diagnosis_key(ckpt, teacher_ckpt, max_scans)
-        if _diagnosed(run, (label, ckpt, teacher, teacher_ckpt), max_scans):
+        if _diagnosed(run, label, teacher, key):
             out.setdefault(teacher, {})[label] = read_json(path)["result"]
             continue
         result = transfer_diagnostic(ckpt, teacher_ckpt, "val", max_scans=max_scans, backend=backend)
@@ -332,15 +330,17 @@ def _evaluation_tasks(run: Path, checkpoints: dict, todo: list, students: dict, 
     or that a teacher trained now makes stale (its own, or one it is diagnosed against): in the
     training graph they run beside the trainings still under way, not one by one after the last.
     `retrained`: the fusions whose teachers are trained now."""
-    own = {label: (students[label][0] if label in students else label.partition("@")[2] or "hard") for label in checkpoints}
+    teacher_of = {teacher_label(t): t for t in TEACHERS}
+    own = {label: students[label][0] if label in students else teacher_of[label] for label in checkpoints}
     tasks = {}
     for label, ckpt in checkpoints.items():
         items = [item for item in todo if item[0] == label]
         teachers = {item[2] for item in items}
         needs = (label if label in students else ("teacher", own[label]), *sorted(("teacher", t) for t in teachers))
         exists = storage.path(ckpt).exists() and all(storage.path(item[3]).exists() for item in items)
-        if (exists and not (teachers | {own[label]}) & retrained and _evaluated(run, label, ckpt, data, max_scans)
-                and all(_diagnosed(run, item, max_scans) for item in items)):
+        if (exists and not (teachers | {own[label]}) & retrained
+                and _evaluated(run, label, _eval_key(ckpt, data, max_scans))
+                and all(_diagnosed(run, label, t, _diagnosis_key(ckpt, t_ckpt, max_scans)) for _, _, t, t_ckpt in items)):
             continue
         tasks[("eval", label)] = Task(evaluate_and_diagnose, (run, label, ckpt, data, max_scans, backend, items, threads), needs)
     return tasks
