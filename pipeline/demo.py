@@ -2,7 +2,7 @@
 
 synth -> prepare -> train-teacher -> cache-teacher -> train-student (distilled) and the
 baseline (same everything, no distillation) -> eval of all three on the val sequence ->
-pictures (`m2skd show`). The baseline needs no teacher, so it trains beside it (train_all).
+pictures (`m2skd show`). The teacher trains first on every core, then both students side by side (train_all).
 Every step is the same library call the stage commands make; re-running resumes.
 """
 from __future__ import annotations
@@ -242,38 +242,55 @@ def train_all(by_fusion: dict, students: dict, on_stage=None, progress_factory=N
     missing. One graph, size.jobs runs at a time: baselines need no teacher, so they train beside
     the teachers, and a distilled student starts once its own teacher's cache exists. `extra`
     (key -> Task) joins the graph after the trainings; a need naming a run that is already
-    finished is met. Each run resumes if it was interrupted."""
+    finished is met. Each run resumes if it was interrupted.
+
+    Where the students to train are no more than the workers (the demo: one pair), they would
+    leave a core idle beside a teacher and then train one at a time after it; the teachers train
+    first instead, sharing every core, and the students then side by side. The choice, and with
+    it each run's thread count (which changes its bits), follows from the graph alone, never from
+    when a run happens to end."""
     announce = on_stage or (lambda name: None)
     bar = progress_factory or (lambda name: None)
     s = next(iter(by_fusion.values()))["size"]
     threads = task_threads(s)
     specs, total, trained = {}, 0, {}
+    to_train = [fusion for fusion, shared in by_fusion.items()
+                if not current_model(shared["run"], "teacher", "teacher", shared["teacher_config"])]
     for fusion, shared in by_fusion.items():
-        run, config = shared["run"], shared["teacher_config"]
-        if current_model(run, "teacher", "teacher", config):
+        if fusion not in to_train:
             announce("cache-teacher" if fusion == "hard" else f"cache-teacher (fusion {fusion})")
-            shared["teacher"], shared["cache"] = make_teacher(run, config, shared["base"]["backend"], jobs=s.jobs,
-                                                              cache_progress=bar("cache-teacher"))
-        else:
-            specs[("teacher", fusion)] = (_teacher_task, (str(run), config, shared["base"]["backend"], threads), ())
-            total += config.steps
+            shared["teacher"], shared["cache"] = make_teacher(shared["run"], shared["teacher_config"], shared["base"]["backend"],
+                                                              jobs=s.jobs, cache_progress=bar("cache-teacher"))
+    student_specs = {}
     for label, (fusion, name, config) in students.items():
         run = by_fusion[fusion]["run"]
         # a student of a teacher trained now is trained after it: its present model was distilled from another cache
-        needs = tuple(k for k in [("teacher", fusion)] if config.distill_enabled() and k in specs)
-        done = None if needs else current_model(run, name, "student", config)
+        retrained = config.distill_enabled() and fusion in to_train
+        done = None if retrained else current_model(run, name, "student", config)
         if done:
             trained[label] = done
         else:
-            specs[label] = (train_student, (str(run), name, config, threads), needs)
-            total += config.steps
+            student_specs[label] = (fusion, run, name, config)
+    teachers_first = bool(to_train) and len(student_specs) <= s.jobs
+    teacher_threads = max(1, (os.cpu_count() or 1) // min(s.jobs, len(to_train))) if teachers_first else threads
+    for fusion in to_train:
+        shared = by_fusion[fusion]
+        specs[("teacher", fusion)] = (_teacher_task, (str(shared["run"]), shared["teacher_config"], shared["base"]["backend"],
+                                                      teacher_threads), ())
+        total += shared["teacher_config"].steps
+    for label, (fusion, run, name, config) in student_specs.items():
+        needs = tuple(("teacher", f) for f in to_train if teachers_first or (config.distill_enabled() and f == fusion))
+        specs[label] = (train_student, (str(run), name, config, threads), needs)
+        total += config.steps
     trainings = list(specs)
     for key, task in (extra or {}).items():
         specs[key] = (task.fn, task.arg, tuple(n for n in task.needs if n in trainings))
     if not specs:
         return trained
     labels = [label if isinstance(label, str) else f"teacher ({label[1]})" for label in trainings]
-    announce(f"train {', '.join(labels)}" + (f" and {len(specs) - len(trainings)} evaluations" if extra else "")
+    order = (f"{', '.join(labels[:len(to_train)])} on {teacher_threads} thread{'s' * (teacher_threads > 1)}, then {', '.join(labels[len(to_train):])}"
+             if teachers_first and len(labels) > len(to_train) else ", ".join(labels))
+    announce(f"train {order}" + (f" and {len(specs) - len(trainings)} evaluations" if extra else "")
              + f" ({s.jobs} at a time)")
 
     def build(steps):

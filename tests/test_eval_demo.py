@@ -28,14 +28,20 @@ def demo(tmp_path_factory):
     a study rewrite the run's reports; the readers look at the copy, so no test depends on the
     order the others ran in."""
     out = tmp_path_factory.mktemp("demo")
+    stages = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run_demo(out, size="tiny", backend="torch")
+        result = run_demo(out, size="tiny", backend="torch", on_stage=stages.append)
     # loky's leak heuristic replaces a student's worker (its memory grows 300 MB): no warning for that
     assert not [w for w in caught if "worker stopped" in str(w.message)]
     reports = tmp_path_factory.mktemp("demo_reports")
     for name in ("eval", "show"):
         shutil.copytree(out / "run" / name, reports / name)
+    # when each run started (its TensorBoard file is named by that time) and when the teacher ended, before re-runs add more
+    started = {name: min(float(p.name.split(".")[3]) for p in (out / "run" / name / "tensorboard").glob("events.out.tfevents.*"))
+               for name in ("teacher", "baseline", "distilled")}
+    (reports / "schedule.json").write_text(json.dumps({"stages": stages, "started": started,
+                                                       "teacher_ended": (out / "run/teacher/model.pt").stat().st_mtime}))
     return out, result, reports
 
 
@@ -67,6 +73,17 @@ def test_demo_runs_every_stage_and_prints_a_comparison(demo):
     assert distilled["distill"] and not baseline["distill"]
     assert {k: v for k, v in distilled["config"].items() if not k.endswith("_weight")} == \
            {k: v for k, v in baseline["config"].items() if not k.endswith("_weight")}
+
+
+def test_demo_trains_its_teacher_first_then_both_students_side_by_side(demo):
+    """Two students fill the two workers: the teacher trains alone on every core first (a
+    baseline beside it would leave the distilled student alone on one core after it)."""
+    _, _, reports = demo
+    schedule = json.loads((reports / "schedule.json").read_text())
+    (train,) = [s for s in schedule["stages"] if s.startswith("train ")]
+    assert train.startswith("train teacher (hard) on ") and train.endswith(", then distilled, baseline (2 at a time)")
+    assert schedule["started"]["baseline"] >= int(schedule["teacher_ended"])
+    assert schedule["started"]["distilled"] >= int(schedule["teacher_ended"])
 
 
 def test_demo_rerun_resumes_without_retraining(demo):
