@@ -9,7 +9,7 @@ import yaml
 
 from .errors import M2SKDError
 from .losses import AFFINITY_FORMS, KD_FORMS, kd_weight_for
-from .models import FEATURE_NAMES
+from .models import FEATURE_NAMES, resolve_backend
 from .resources import resource_dir
 
 CONFIG_DIR = resource_dir("configs")
@@ -122,8 +122,11 @@ class TrainConfig:
     def math_dict(self) -> dict:
         """The settings that change what training computes; a resume must match them exactly.
         How long to train (steps, epochs), loader workers and when to log, validate or
-        checkpoint may change between a run and its resume."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_KEYS}
+        checkpoint may change between a run and its resume. The backend is the one `auto`
+        resolves to, so a run asked for `auto` and one asked for what it resolves to are the same
+        run (a study or demo reuses a student `m2skd train-student` made with the default)."""
+        maths = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_KEYS}
+        return {**maths, "backend": resolve_backend(self.backend) if self.backend == "auto" else self.backend}
 
 
 DISTILL_ONLY_KEYS = ("kd_form", "kd_hard_weight", "affinity_form", "affinity_max_points", "feature_layer")

@@ -235,14 +235,22 @@ def plan_students(shared: dict, student_seeds, demo_seed: int, arms: dict | None
     return pairs, configs
 
 
-def train_all(by_fusion: dict, students: dict, on_stage=None, progress_factory=None, extra: dict | None = None) -> dict:
+def teachers_to_train(by_fusion: dict) -> list[str]:
+    """The fusions of `by_fusion` (fusion -> prepare_shared's dict) whose teacher is missing or stale."""
+    return [fusion for fusion, shared in by_fusion.items()
+            if not current_model(shared["run"], "teacher", "teacher", shared["teacher_config"])]
+
+
+def train_all(by_fusion: dict, students: dict, on_stage=None, progress_factory=None, extra: dict | None = None,
+              to_train: list[str] | None = None) -> dict:
     """label -> finished checkpoint of every student of `students` (label -> (fusion of the run
     directory it lives in, run name, config)), after each teacher of `by_fusion` (fusion ->
     prepare_shared's dict, given its "teacher" and "cache" here) is trained and cached where
     missing. One graph, size.jobs runs at a time: baselines need no teacher, so they train beside
     the teachers, and a distilled student starts once its own teacher's cache exists. `extra`
     (key -> Task) joins the graph after the trainings; a need naming a run that is already
-    finished is met. Each run resumes if it was interrupted.
+    finished is met. Each run resumes if it was interrupted. `to_train`: teachers_to_train(by_fusion),
+    where the caller has it already (each check reads every teacher's checkpoint).
 
     Where the students to train are no more than the workers (the demo: one pair), they would
     leave a core idle beside a teacher and then train one at a time after it; the teachers train
@@ -254,8 +262,7 @@ def train_all(by_fusion: dict, students: dict, on_stage=None, progress_factory=N
     s = next(iter(by_fusion.values()))["size"]
     threads = task_threads(s)
     specs, total, trained = {}, 0, {}
-    to_train = [fusion for fusion, shared in by_fusion.items()
-                if not current_model(shared["run"], "teacher", "teacher", shared["teacher_config"])]
+    to_train = teachers_to_train(by_fusion) if to_train is None else to_train
     for fusion, shared in by_fusion.items():
         if fusion not in to_train:
             announce("cache-teacher" if fusion == "hard" else f"cache-teacher (fusion {fusion})")

@@ -40,10 +40,9 @@ from m2skd.instances import POINT_BUCKETS
 from m2skd.losses import kd_weight_for
 from m2skd.plots import effect_plot
 from m2skd.rundir import RunDir, model_label
-from m2skd.trainer import current_model
 from m2skd.stats import paired_effect
 
-from .demo import SIZES, plan_students, prepare_shared, task_threads, train_all
+from .demo import SIZES, plan_students, prepare_shared, task_threads, teachers_to_train, train_all
 from .evaluate import METRICS_FILE, run_eval, transfer_diagnostic
 from .parallel import Task, torch_threads
 
@@ -279,11 +278,10 @@ def run_study(out_dir, seeds, size: str = "default", seed: int = 0, backend: str
     todo = [(label, checkpoints[label], t, checkpoints[teacher_label(t)]) for t in teachers
             for label in dict.fromkeys([n for arm_pairs in pairs[t].values() for pair in arm_pairs for n in pair]
                                        + [teacher_label(t)])]
-    retrained = {t for t, t_shared in fusions.items()
-                 if not current_model(t_shared["run"], "teacher", "teacher", t_shared["teacher_config"])}
-    evaluations = _evaluation_tasks(run, checkpoints, todo, students, retrained, shared["data"], max_scans, backend,
+    retrained = teachers_to_train(fusions)
+    evaluations = _evaluation_tasks(run, checkpoints, todo, students, set(retrained), shared["data"], max_scans, backend,
                                     task_threads(shared["size"]))
-    checkpoints |= train_all(fusions, students, on_stage, progress_factory, extra=evaluations)
+    checkpoints |= train_all(fusions, students, on_stage, progress_factory, extra=evaluations, to_train=retrained)
     checkpoints |= {teacher_label(t): t_shared["teacher"] for t, t_shared in by_teacher.items()}
 
     announce("eval")

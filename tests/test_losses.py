@@ -409,6 +409,19 @@ def test_changing_what_the_student_trains_on_changes_its_fingerprint():
     assert fingerprint_json(TrainConfig(temperature=2.0).no_distill().math_dict()) != baseline
 
 
+def test_auto_backend_is_fingerprinted_as_the_backend_it_resolves_to():
+    """A student trained with the config's `auto` and one with `--backend torch` compute the same
+    bits (auto is torch); a study given either must take the other's model as current."""
+    from m2skd.fingerprint import fingerprint_json
+    from m2skd.models import resolve_backend
+
+    def fp(**kw):
+        return fingerprint_json(TrainConfig(**kw).math_dict())
+
+    assert fp(backend="auto") == fp(backend=resolve_backend("auto")) == fp(backend="torch")
+    assert fp(backend="minkowski") != fp(backend="torch")
+
+
 def test_no_hard_points_gives_finite_zero_losses():
     s = torch.randn(5, 8, requires_grad=True)
     logits = torch.randn(5, 4, requires_grad=True)
