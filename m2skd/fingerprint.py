@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 
 
 def fingerprint_bytes(*chunks: bytes) -> str:
@@ -11,16 +10,6 @@ def fingerprint_bytes(*chunks: bytes) -> str:
     for chunk in chunks:
         h.update(chunk)
     return h.hexdigest()
-
-
-def content_checksum(*chunks: bytes) -> str:
-    """CRC-32 of the bytes and their total length: what tells an edited input file from the one a
-    shard was made from, at a fifth of BLAKE2b's cost (prepare reads every scan and label once;
-    inputs are not adversarial, so a cryptographic hash buys nothing here)."""
-    crc, size = 0, 0
-    for chunk in chunks:
-        crc, size = zlib.crc32(chunk, crc), size + len(chunk)
-    return f"{crc:08x}{size & 0xFFFFFFFF:08x}"
 
 
 def fingerprint_json(obj) -> str:

@@ -11,7 +11,7 @@ from .atomic import atomic_path
 from .errors import DataError
 from .fingerprint import fingerprint_json
 
-MANIFEST_SCHEMA_VERSION = 2  # 2: content fingerprint covers the prepare config
+MANIFEST_SCHEMA_VERSION = 3  # 2: content fingerprint covers the prepare config; 3: of the shards' chunks, not the inputs
 META_KEY = b"m2skd"
 
 COLUMNS = {
@@ -27,7 +27,7 @@ COLUMNS = {
     "shard_index": pa.int64(),
     "row_start": pa.int64(),
     "row_stop": pa.int64(),
-    "fingerprint": pa.string(),
+    "shard_fingerprint": pa.string(),  # of the shard's chunks as written (size and CRC-32 of each)
     "class_points_single": pa.list_(pa.int64()),  # training-id histogram of the single scan (class weights)
     "hard_instance_points_single": pa.list_(pa.int64()),
     "hard_instance_points_fused": pa.list_(pa.int64()),
@@ -48,10 +48,11 @@ def write_manifest(rows: list[dict], path, meta: dict) -> pd.DataFrame:
 
 
 def content_fingerprint(df: pd.DataFrame, config_fingerprint: str | None) -> str:
-    """Prepare's fingerprint: its input files (per-scan hashes) and every setting that changes a
-    stored point (the prepare config's fingerprint), so any change upstream changes it."""
-    return fingerprint_json([config_fingerprint, df["sequence"].tolist(), df["frame"].tolist(), df["fingerprint"].tolist(),
-                             df["n_fused"].tolist()])
+    """Prepare's fingerprint: the bytes it stored (each shard's chunk checksums), where each scan
+    sits in them, and every setting of the prepare config, so a change upstream that changes
+    what later stages read changes it."""
+    return fingerprint_json([config_fingerprint, df["sequence"].tolist(), df["frame"].tolist(), df["shard"].tolist(),
+                             df["shard_fingerprint"].tolist(), df["row_start"].tolist(), df["row_stop"].tolist()])
 
 
 def read_manifest(path) -> tuple[pd.DataFrame, dict]:

@@ -54,11 +54,12 @@ def _compressor(dtype: np.dtype, clevel: int = 1, shuffle: str | None = None, cn
     return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=dtype.itemsize)
 
 
-def write_ragged(path, fields: dict[str, list[np.ndarray]], attrs: dict, per_scan: dict[str, np.ndarray] | None = None,
+def write_ragged(path, fields: dict[str, list], attrs: dict, per_scan: dict[str, np.ndarray] | None = None,
                  extra_rows: dict[str, dict[str, list[np.ndarray]]] | None = None, compression: dict[str, dict] | None = None) -> int:
     """Write one group atomically; returns bytes on disk.
 
-    `fields` share one row set (`offsets`); each entry of `extra_rows` is another row set with
+    `fields` (name -> one entry per scan: its rows, an array or a tuple of arrays stored in
+    order) share one row set (`offsets`); each entry of `extra_rows` is another row set with
     its own offsets (`<name>/offsets`), e.g. features kept only for hard-class points.
     `compression`: {field: {"cname": .., "clevel": .., "shuffle": ..}} where a field is better stored otherwise.
     """
@@ -249,37 +250,52 @@ def verify_group(path) -> bool:
     return True
 
 
-def _write_rowset(files: "_Files", prefix: str, fields: dict[str, list[np.ndarray]], compression: dict[str, dict]) -> dict[str, list]:
+def _write_rowset(files: "_Files", prefix: str, fields: dict[str, list], compression: dict[str, dict]) -> dict[str, list]:
     """Write the fields and offsets of one row set (the group at `prefix`); returns
-    {path relative to the root: [size, crc32]} of the chunks written directly (_store_array)."""
+    {path relative to the root: [size, crc32]} of the chunks written directly (_store_array).
+    A scan's rows in a field are one array or a tuple of arrays (its pieces, stored in order)."""
     names = list(fields)
-    counts = np.array([len(a) for a in fields[names[0]]], dtype=np.int64)
+    pieces = {name: [scan if isinstance(scan, tuple) else (scan,) for scan in fields[name]] for name in names}
+    counts = np.array([sum(len(a) for a in scan) for scan in pieces[names[0]]], dtype=np.int64)
     for name in names[1:]:
-        if not np.array_equal([len(a) for a in fields[name]], counts):
+        if not np.array_equal([sum(len(a) for a in scan) for scan in pieces[name]], counts):
             raise ValueError(f"field {name!r} has row counts that differ from {names[0]!r}")
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     written = {}
     at = f"{prefix}/" if prefix else ""
     for name in names:
-        flat = np.concatenate(fields[name])
+        parts = [a for scan in pieces[name] for a in scan]
+        dtype = np.result_type(*parts)
         # every chunk is written (and recorded), and no chunk is compared with the fill value
-        written.update(_store_array(files, at + name, flat, _compressor(flat.dtype, **compression.get(name, {})),
-                                    chunks=(ROWS_PER_CHUNK,) + flat.shape[1:], write_empty=True))
+        written.update(_store_array(files, at + name, parts, _compressor(dtype, **compression.get(name, {})),
+                                    chunks=(ROWS_PER_CHUNK,) + parts[0].shape[1:], write_empty=True))
     written.update(_store_array(files, at + "offsets", offsets, _compressor(offsets.dtype), chunks=None, write_empty=False))
     return written
 
 
-def _store_array(files: "_Files", key: str, values: np.ndarray, compressor: BloscCodec, chunks, write_empty: bool) -> dict[str, list]:
-    """The array `key` holding `values` as zarr's create_array(key, shape, dtype, chunks,
-    compressors) and `arr[...] = values` store it, byte for byte (tests/test_ragged.py compares
-    them); returns {chunk path: [size, crc32]} of the chunks encoded here. Zarr creating an array
-    awaits a dozen store operations on its event loop, and its chunk pipeline spent about twice
-    the compressor's own time per chunk (a fill-value buffer, copies, a thread hop per codec):
-    together most of a shard write."""
-    meta = _array_metadata(values.shape, values.dtype.str, chunks, compressor)
+def _store_array(files: "_Files", key: str, values, compressor: BloscCodec, chunks, write_empty: bool) -> dict[str, list]:
+    """The array `key` holding `values` (an array, or a list of arrays: its rows in pieces) as
+    zarr's create_array(key, shape, dtype, chunks, compressors) and `arr[...] = values` store it,
+    byte for byte (tests/test_ragged.py compares them); returns {chunk path: [size, crc32]} of
+    the chunks encoded here. Zarr creating an array awaits a dozen store operations on its event
+    loop, and its chunk pipeline spent about twice the compressor's own time per chunk (a
+    fill-value buffer, copies, a thread hop per codec): together most of a shard write. Pieces are
+    copied once, into a buffer of whole chunks whose tail is already the fill value."""
+    parts = values if isinstance(values, list) else None
+    shape = ((sum(len(a) for a in parts),) + parts[0].shape[1:]) if parts else values.shape
+    dtype = np.result_type(*parts) if parts else values.dtype
+    meta = _array_metadata(shape, dtype.str, chunks, compressor)
     files.put(f"{key}/zarr.json", meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
-    encoded = _encode_chunks(meta, key, np.ascontiguousarray(values), write_empty)
+    if parts is not None:
+        rows = meta.chunk_grid.chunk_shape[0]
+        padded = np.empty((-(-shape[0] // rows) * rows,) + shape[1:], dtype)
+        np.concatenate(parts, out=padded[: shape[0]])
+        padded[shape[0]:] = meta.fill_value
+        values = padded[: shape[0]]
+    else:
+        padded = None
+    encoded = _encode_chunks(meta, key, np.ascontiguousarray(values), write_empty, padded)
     if encoded is None:  # another codec chain: zarr's own pipeline
         files.all_ours = False
         arr = zarr.open_array(zarr.storage.LocalStore(files.root), path=key, mode="r+",
@@ -308,11 +324,13 @@ _TEMPLATES: dict[tuple, ArrayV3Metadata] = {}
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
-def _encode_chunks(meta: ArrayV3Metadata, key: str, flat: np.ndarray, write_empty: bool) -> dict[str, bytes] | None:
+def _encode_chunks(meta: ArrayV3Metadata, key: str, flat: np.ndarray, write_empty: bool,
+                   padded: np.ndarray | None = None) -> dict[str, bytes] | None:
     """{path: bytes} of every chunk of the array `key` (metadata `meta`, chunked along rows only)
     holding `flat`, as zarr encodes them: the same blosc call on the same bytes, the last chunk
     padded with the fill value, a chunk of fill values left out unless the array writes empty
-    chunks. None where the codec chain is not bytes + blosc on native little-endian data."""
+    chunks. None where the codec chain is not bytes + blosc on native little-endian data.
+    `padded`: `flat` followed by fill values to whole chunks, where the caller has it."""
     codecs = meta.codecs
     chunk_shape = tuple(meta.chunk_grid.chunk_shape)
     if (len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], BloscCodec)
@@ -323,7 +341,7 @@ def _encode_chunks(meta: ArrayV3Metadata, key: str, flat: np.ndarray, write_empt
     rows, fill = chunk_shape[0], meta.fill_value
     out = {}
     for j, start in enumerate(range(0, len(flat), rows)):
-        block = flat[start : start + rows]
+        block = (flat if padded is None else padded)[start : start + rows]
         if len(block) < rows:
             padded = np.full((rows,) + flat.shape[1:], fill, flat.dtype)
             padded[: len(block)] = block

@@ -65,6 +65,18 @@ def parse_label(data: bytes, path, n_points: int | None = None, learning_lut: np
     return label
 
 
+def training_ids(path, label: np.ndarray, learning_lut: np.ndarray) -> np.ndarray:
+    """The training id of every point of a raw label array, every semantic id checked known: one
+    pass of the lookup table does both (an unknown id maps to 255)."""
+    semantic = label & 0xFFFF
+    if semantic.size and semantic.max() >= learning_lut.size:
+        check_raw_semantics(path, semantic, learning_lut)
+    train = learning_lut.take(semantic)
+    if semantic.size and train.max() == 255:
+        check_raw_semantics(path, semantic, learning_lut)
+    return train
+
+
 def check_raw_semantics(path, semantic: np.ndarray, learning_lut: np.ndarray) -> None:
     if semantic.size == 0 or (semantic.max() < learning_lut.size and (learning_lut.take(semantic) != 255).all()):
         return  # the common case in two passes; the one below finds what is unknown

@@ -142,7 +142,6 @@ def prepare_on_disk(data: Path, run: Path, cfg, jobs: int, sequences, repeats: i
 PREPARE_PHASES = {
     "read": [(sk, "read_bytes")],
     "parse": [(sk, "parse_scan"), (sk, "parse_label")],
-    "fingerprint": [(prepare_module, "content_checksum")],
     "fusion": [(prepare_module, "fuse")],
     "compress": [(ragged, "_encode_chunks")],
     "shard_files": [(prepare_module, "write_ragged")],  # zarr metadata, chunk files, checksums: the write less compress

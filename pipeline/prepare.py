@@ -23,7 +23,7 @@ from m2skd import storage
 from m2skd.dataset_spec import DatasetSpec, load_spec
 from m2skd.atomic import read_json, write_json_atomic
 from m2skd.errors import DataError, StaleInputError
-from m2skd.fingerprint import content_checksum, fingerprint_json
+from m2skd.fingerprint import fingerprint_json
 from m2skd.fusion import Frame, FusionConfig, fuse, instance_keys, instance_occupancy
 from m2skd.manifest import read_manifest, write_manifest
 from m2skd.ragged import RaggedReader, dir_bytes, file_stamp, group_is_current, list_groups, write_ragged
@@ -75,20 +75,14 @@ class ShardTask:
     n_scans: int = 0
 
 
-def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bool, spec: DatasetSpec,
-               fingerprint: bool = True) -> tuple[Frame, str | None]:
-    """The frame and its input files' fingerprint (None unless asked: a frame read only as
-    another scan's predecessor is not in this shard's manifest rows)."""
+def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bool, spec: DatasetSpec) -> Frame:
     scan_path = seq.scan_path(frame_name)
-    scan_bytes = sk.read_bytes(scan_path)
-    points = sk.parse_scan(scan_bytes, scan_path)
+    points = sk.parse_scan(sk.read_bytes(scan_path), scan_path)
     if not labelled:
-        return Frame(points, None, None, pose), content_checksum(scan_bytes) if fingerprint else None
+        return Frame(points, None, None, pose)
     label_path = seq.label_path(frame_name)
-    label_bytes = sk.read_bytes(label_path)
-    raw = sk.parse_label(label_bytes, label_path, len(points), spec.learning_lut)
-    train = spec.learning_lut.take(raw & 0xFFFF)
-    return Frame(points, raw, train, pose), content_checksum(scan_bytes, label_bytes) if fingerprint else None
+    raw = sk.parse_label(sk.read_bytes(label_path), label_path, len(points))
+    return Frame(points, raw, sk.training_ids(label_path, raw, spec.learning_lut), pose)
 
 
 def shard_attrs(cfg: PrepareConfig, data_root: str) -> dict:
@@ -122,15 +116,15 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
     inputs += [p for _, name in todo for p in ([seq.scan_path(name)] + ([seq.label_path(name)] if labelled else []))]
     stamps = {str(p): file_stamp(p) for p in inputs}
     for i, name in todo:
-        frame, fp = load_frame(seq, name, poses[i], labelled, spec, fingerprint=i >= first)
+        frame = load_frame(seq, name, poses[i], labelled, spec)
         if i >= first:
             previous = [(j, window[i - j]) for j in range(1, k + 1) if i - j in window]
             fused = fuse(frame, previous, spec.hard_mask, spec.moving_lut, fcfg)
             n_single, n_fused = len(frame.points), len(fused.points)
             single_label = frame.raw_label if labelled else np.zeros(n_single, np.uint32)
-            points.append(np.concatenate([frame.points, fused.points]))
-            labels.append(np.concatenate([single_label, fused.raw_label]))
-            sources.append(np.concatenate([np.zeros(n_single, np.uint8), fused.source]))
+            points.append((frame.points, fused.points))  # a scan's rows in pieces: write_ragged copies them once
+            labels.append((single_label, fused.raw_label))
+            sources.append((np.zeros(n_single, np.uint8), fused.source))
             icp[0] += fused.icp_accepted
             icp[1] += fused.icp_rejected
             rows.append({
@@ -139,7 +133,6 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
                 "n_hard_instances": len(fused.instance_points_single),
                 "shard": storage.path(task.path).relative_to(storage.path(task.path).parents[2]).as_posix(),  # shards/SEQ/NAME
                 "shard_index": len(rows), "row_start": row_start, "row_stop": row_start + n_single + n_fused,
-                "fingerprint": fp,
                 "class_points_single": (np.bincount(frame.train, minlength=spec.num_classes)
                                         if labelled else np.zeros(spec.num_classes, np.int64)).tolist(),
                 "hard_instance_points_single": fused.instance_points_single.tolist(),
@@ -201,11 +194,15 @@ def check_existing_shards(run: RunDir, record: dict, planned: set[str], overwrit
 
 
 def manifest_rows(run: RunDir) -> tuple[list[dict], int]:
-    """Rows of every complete shard in the run directory, and their bytes on disk."""
+    """Rows of every complete shard in the run directory, and their bytes on disk. A row's
+    `shard_fingerprint` is that of its shard's chunks as recorded when written (size and CRC-32 of
+    each): what later stages read, so they are stale exactly when a stored byte changed; keyed on
+    the output, no input byte is hashed (a changed input is noticed by its size and stamp)."""
     rows, nbytes = [], 0
     for path in list_groups(run.shards):
         reader = RaggedReader(path)
-        rows.extend(reader.attrs["rows"])
+        digest = fingerprint_json(reader.attrs["chunk_files"])
+        rows.extend({**row, "shard_fingerprint": digest} for row in reader.attrs["rows"])
         nbytes += dir_bytes(path)
     return rows, nbytes
 

@@ -9,7 +9,7 @@ import pytest
 from m2skd import semantickitti as sk
 from m2skd.dataset_spec import load_spec
 from m2skd.errors import StaleInputError
-from m2skd.fingerprint import content_checksum
+from m2skd.fingerprint import fingerprint_json
 from m2skd.fusion import FusionConfig, icp_refine
 from m2skd.manifest import COLUMNS, MANIFEST_SCHEMA_VERSION, read_manifest
 from m2skd.ragged import RaggedReader
@@ -132,14 +132,15 @@ def test_manifest_schema_and_content(small_dataset, prepared_run):
     assert not df[df["sequence"] == "11"]["has_labels"].any() and (df[df["sequence"] == "11"]["n_fused"] == 0).all()
     for _, row in df.iterrows():
         assert row["n_single"] * 16 == sk.Sequence(small_dataset, row["sequence"]).scan_path(row["frame_name"]).stat().st_size
-    assert df["fingerprint"].str.len().eq(16).all() and df["fingerprint"].is_unique
-    # a scan's fingerprint: CRC-32 of its scan and label bytes (the standard CRC-32 check value of
-    # b"123456789" is cbf43926) and their length
-    assert content_checksum(b"1234", b"56789") == "cbf43926" + "00000009"
+    # a row's shard fingerprint: that of its shard's chunk files, each as [size, CRC-32] of the
+    # file's bytes read back here (the standard CRC-32 check value of b"123456789" is cbf43926)
+    assert f"{zlib.crc32(b'123456789'):08x}" == "cbf43926"
+    assert df.groupby("shard")["shard_fingerprint"].nunique().eq(1).all() and df["shard_fingerprint"].nunique() == df["shard"].nunique()
     row = df[df["has_labels"]].iloc[3]
-    seq = sk.Sequence(small_dataset, row["sequence"])
-    scan, label = seq.scan_path(row["frame_name"]).read_bytes(), seq.label_path(row["frame_name"]).read_bytes()
-    assert row["fingerprint"] == content_checksum(scan, label) == f"{zlib.crc32(scan + label):08x}{len(scan) + len(label):08x}"
+    shard = RunDir(run).prepare / row["shard"]
+    chunks = {f.relative_to(shard).as_posix(): [f.stat().st_size, f"{zlib.crc32(f.read_bytes()):08x}"]
+              for f in sorted(shard.rglob("*")) if f.is_file() and f.name != "zarr.json"}
+    assert len(chunks) >= 4 and row["shard_fingerprint"] == fingerprint_json(chunks)
 
 
 def test_changed_config_is_refused(small_dataset, tmp_path):

@@ -3,6 +3,7 @@ document: the same JSON, written compactly)."""
 import json
 
 import numpy as np
+import pytest
 import zarr
 
 from m2skd import ragged
@@ -41,7 +42,10 @@ def files_of(path):
     return {f.relative_to(path).as_posix(): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
-def test_writer_gives_zarrs_files(tmp_path):
+@pytest.mark.parametrize("in_pieces", [False, True])
+def test_writer_gives_zarrs_files(tmp_path, in_pieces):
+    """...whether each scan's rows come as one array or as pieces (prepare: the single scan,
+    then what fusion adds), one piece empty."""
     rng = np.random.default_rng(3)
     # three scans spanning two chunks of rows (the last one padded), smooth values that compress,
     # and an all-zero per-scan array (a chunk of fill values, which zarr leaves out)
@@ -53,8 +57,10 @@ def test_writer_gives_zarrs_files(tmp_path):
     per_scan = {"single_count": np.array(counts, np.int64), "empty": np.zeros(3, np.int32)}
     attrs = {"sequence": "00", "x": 1.5, "rows": [{"frame": i} for i in range(3)]}
     ours, theirs = tmp_path / "ours.zarr", tmp_path / "theirs.zarr"
-    write_ragged(ours, {"points": points, "label": labels, "source": source}, attrs, per_scan=per_scan,
-                 extra_rows={"hard": hard}, compression=SHARD_LIKE)
+    given = {"points": points, "label": labels, "source": source}
+    if in_pieces:
+        given = {name: [(a[:1000], a[1000:1000], a[1000:]) for a in scans] for name, scans in given.items()}
+    write_ragged(ours, given, attrs, per_scan=per_scan, extra_rows={"hard": hard}, compression=SHARD_LIKE)
 
     recorded = json.loads((ours / "zarr.json").read_text())["attributes"]
     reference_group(theirs, {"points": points, "label": labels, "source": source}, recorded, per_scan, {"hard": hard}, SHARD_LIKE)

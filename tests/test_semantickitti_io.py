@@ -61,6 +61,17 @@ def test_unknown_raw_label(tmp_path):
         sk.read_label(tmp_path / "u.label", learning_lut=SPEC.learning_lut)
 
 
+def test_training_ids_map_known_ids_and_name_unknown_ones():
+    """Instance bits are ignored; an id the map lacks (inside the table or past its end) is named."""
+    lut = SPEC.learning_lut
+    raw = np.array([40 | (7 << 16), 10, 0, 252], np.uint32)  # road (instance 7), car, unlabeled, moving-car
+    assert sk.training_ids("l.label", raw, lut).tolist() == [SPEC.learning_map[40], SPEC.learning_map[10], 0,
+                                                              SPEC.learning_map[252]]
+    for unknown in (123, lut.size + 5):
+        with pytest.raises(DataError, match=rf"l\.label.*unknown raw semantic ids \[{unknown}\]"):
+            sk.training_ids("l.label", np.array([40, unknown | (3 << 16)], np.uint32), lut)
+
+
 def test_missing_and_short_poses(tmp_path):
     tr = random_pose(np.random.default_rng(1))
     sk.write_calib(tmp_path / "calib.txt", tr)
