@@ -45,6 +45,9 @@ SCHEMA_VERSION = 3  # 2: chunk sizes and hashes in the attributes; 3: CRC-32, ch
 #: file system and by copies that keep times); anything that writes a chunk later changes it
 CHUNK_MTIME = 946_684_800 * 10**9
 ROWS_PER_CHUNK = 1 << 18  # ~262k rows: one scan spans one or two chunks
+#: chunk files named ARRAY/c.0.0 beside the array's metadata, not ARRAY/c/0/0: a shard's chunks
+#: then need one directory per array instead of one per chunk row (a mkdir cost prepare 0.3 ms a scan)
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 
 
 def _compressor(dtype: np.dtype, clevel: int = 1, shuffle: str | None = None, cname: str = "zstd") -> BloscCodec:
@@ -315,7 +318,7 @@ def _array_metadata(shape: tuple, dtype: str, chunks, compressor: BloscCodec) ->
     template = _TEMPLATES.get(kind)
     if template is None:
         made = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype=dtype, chunks=chunks or "auto",
-                                 compressors=compressor, zarr_format=3)
+                                 compressors=compressor, zarr_format=3, chunk_key_encoding=CHUNK_KEY_ENCODING)
         template = _TEMPLATES[kind] = made.metadata
     return dataclasses.replace(template, shape=tuple(shape))
 

@@ -109,12 +109,12 @@ def test_damage_and_interrupted_writes_on_s3_are_refused_and_repaired(small_data
     shard = list_groups(run.shards)[0]
     attrs = RaggedReader(shard).attrs
     expected = {"config_fingerprint": attrs["config_fingerprint"], "data_root": attrs["data_root"], "frames": attrs["frames"]}
-    chunk = shard / "points/c/0/0"
+    chunk = shard / "points/c.0.0"
     good = storage.read_bytes(chunk)
 
     # a truncated chunk: one line naming the group and the chunk; the re-run rewrites that shard only
     chunk.fs.pipe_file(chunk.key, good[:-7])
-    with pytest.raises(DataError, match=r"chunk points/c/0/0 has .* bytes"):
+    with pytest.raises(DataError, match=r"chunk points/c\.0\.0 has .* bytes"):
         RaggedReader(shard)
     assert run_prepare(small_dataset, remote, PREPARE)["shards_written"] == 1
     assert storage.read_bytes(chunk) == good
