@@ -196,8 +196,9 @@ def check_existing_shards(run: RunDir, record: dict, planned: set[str], overwrit
 def manifest_rows(run: RunDir) -> tuple[list[dict], int]:
     """Rows of every complete shard in the run directory, and their bytes on disk. A row's
     `shard_fingerprint` is that of its shard's chunks as recorded when written (size and CRC-32 of
-    each): what later stages read, so they are stale exactly when a stored byte changed; keyed on
-    the output, no input byte is hashed (a changed input is noticed by its size and stamp)."""
+    each). A shard holds every point and raw label of its scans verbatim, and the poses act
+    through the fused points it holds, so this covers the inputs without hashing them again;
+    later stages go stale exactly when a byte they read changes."""
     rows, nbytes = [], 0
     for path in list_groups(run.shards):
         reader = RaggedReader(path)
