@@ -286,8 +286,8 @@ def _store_array(files: "_Files", key: str, values, compressor: BloscCodec, chun
     fill-value buffer, copies, a thread hop per codec): together most of a shard write. Pieces are
     copied once, into a buffer of whole chunks whose tail is already the fill value."""
     parts = values if isinstance(values, list) else None
-    shape = ((sum(len(a) for a in parts),) + parts[0].shape[1:]) if parts else values.shape
-    dtype = np.result_type(*parts) if parts else values.dtype
+    shape = ((sum(len(a) for a in parts),) + parts[0].shape[1:]) if parts is not None else values.shape
+    dtype = np.result_type(*parts) if parts is not None else values.dtype
     meta = _array_metadata(shape, dtype.str, chunks, compressor)
     files.put(f"{key}/zarr.json", meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
     if parts is not None:
@@ -343,12 +343,13 @@ def _encode_chunks(meta: ArrayV3Metadata, key: str, flat: np.ndarray, write_empt
     blosc = Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value], blocksize=c.blocksize, typesize=c.typesize)
     rows, fill = chunk_shape[0], meta.fill_value
     out = {}
+    whole = flat if padded is None else padded
     for j, start in enumerate(range(0, len(flat), rows)):
-        block = (flat if padded is None else padded)[start : start + rows]
-        if len(block) < rows:
-            padded = np.full((rows,) + flat.shape[1:], fill, flat.dtype)
-            padded[: len(block)] = block
-            block = padded
+        block = whole[start : start + rows]
+        if len(block) < rows:  # only without `padded`
+            last = np.full((rows,) + flat.shape[1:], fill, flat.dtype)
+            last[: len(block)] = block
+            block = last
         if not write_empty and (block == fill).all():
             continue
         out[f"{key}/{meta.encode_chunk_key((j,) + (0,) * (flat.ndim - 1))}"] = blosc.encode(block.view(np.uint8).reshape(-1))

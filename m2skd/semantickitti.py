@@ -61,7 +61,7 @@ def parse_label(data: bytes, path, n_points: int | None = None, learning_lut: np
     if n_points is not None and label.size != n_points:
         raise DataError(path, f"has {label.size} labels but the scan has {n_points} points")
     if learning_lut is not None:
-        check_raw_semantics(path, label & 0xFFFF, learning_lut)
+        training_ids(path, label, learning_lut)
     return label
 
 
@@ -70,16 +70,16 @@ def training_ids(path, label: np.ndarray, learning_lut: np.ndarray) -> np.ndarra
     pass of the lookup table does both (an unknown id maps to 255)."""
     semantic = label & 0xFFFF
     if semantic.size and semantic.max() >= learning_lut.size:
-        check_raw_semantics(path, semantic, learning_lut)
+        _raise_unknown_semantics(path, semantic, learning_lut)
     train = learning_lut.take(semantic)
     if semantic.size and train.max() == 255:
-        check_raw_semantics(path, semantic, learning_lut)
+        _raise_unknown_semantics(path, semantic, learning_lut)
     return train
 
 
-def check_raw_semantics(path, semantic: np.ndarray, learning_lut: np.ndarray) -> None:
-    if semantic.size == 0 or (semantic.max() < learning_lut.size and (learning_lut.take(semantic) != 255).all()):
-        return  # the common case in two passes; the one below finds what is unknown
+def _raise_unknown_semantics(path, semantic: np.ndarray, learning_lut: np.ndarray) -> None:
+    """The one-line error naming the raw semantic ids the learning map lacks (the slow path of
+    training_ids, taken only when some id is unknown)."""
     known = semantic < learning_lut.size
     known[known] = learning_lut[semantic[known]] != 255
     if not known.all():
