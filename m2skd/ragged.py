@@ -22,11 +22,14 @@ hashes only the chunks whose stamp differs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import queue
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,56 +60,265 @@ def _compressor(dtype: np.dtype, clevel: int = 1, shuffle: str | None = None, cn
     return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=dtype.itemsize)
 
 
-def write_ragged(path, fields: dict[str, list], attrs: dict, per_scan: dict[str, np.ndarray] | None = None,
-                 extra_rows: dict[str, dict[str, list[np.ndarray]]] | None = None, compression: dict[str, dict] | None = None) -> int:
-    """Write one group atomically; returns bytes on disk.
+def write_ragged(path, fields: dict[str, list], attrs: dict, extra_rows: dict[str, dict[str, list]] | None = None,
+                 compression: dict[str, dict] | None = None) -> int:
+    """Write one group atomically from lists with one entry per scan; returns bytes on disk.
 
     `fields` (name -> one entry per scan: its rows, an array or a tuple of arrays stored in
     order) share one row set (`offsets`); each entry of `extra_rows` is another row set with
     its own offsets (`<name>/offsets`), e.g. features kept only for hard-class points.
     `compression`: {field: {"cname": .., "clevel": .., "shuffle": ..}} where a field is better stored otherwise.
     """
-    path = storage.path(path)
-    if isinstance(path, storage.ObjectPath):
-        with storage.local_stage(path) as tmp:
-            root_attrs, _ = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
-            return _publish_group(tmp, root_attrs, path)
-    with atomic_path(path) as tmp:
-        _, nbytes = _write_group(tmp, fields, attrs, per_scan, extra_rows, compression)
-    return nbytes if nbytes is not None else dir_bytes(path)
+    n_scans = {len(scans) for rows in (fields, *(extra_rows or {}).values()) for scans in rows.values()}
+    if len(n_scans) != 1:
+        raise ValueError(f"fields have different numbers of scans: {sorted(n_scans)}")
+    with RaggedWriter(path, compression) as writer:
+        for i in range(n_scans.pop()):
+            writer.append({name: scans[i] for name, scans in fields.items()},
+                          {rowset: {name: scans[i] for name, scans in rows.items()} for rowset, rows in (extra_rows or {}).items()})
+        return writer.finish(attrs)
 
 
-def _write_group(tmp: Path, fields, attrs, per_scan, extra_rows, compression) -> tuple[dict, int | None]:
-    """Every file of the group into the new directory `tmp`; returns the root's attributes.
-    Metadata documents are made in memory (an array's by zarr's own metadata class, so its file is
-    the one zarr writes; a group's as compact JSON) and the root's, which lists the chunk files,
-    is written last. Returns the root's attributes and the group's bytes (None where zarr wrote
-    some of its files)."""
-    files = _Files(Path(tmp))
-    compression = compression or {}
-    written = _write_rowset(files, "", fields, compression)
-    for name, rowset in (extra_rows or {}).items():
-        files.put(f"{name}/zarr.json", _group_json({}))
-        written.update(_write_rowset(files, name, rowset, compression))
-    for name, values in (per_scan or {}).items():
-        values = np.asarray(values)
-        written.update(_store_array(files, name, values, _compressor(values.dtype), chunks=None, write_empty=False))
-    root_attrs = {**attrs, "schema_version": SCHEMA_VERSION, "fields": list(fields),
-                  "extra_rows": {k: list(v) for k, v in (extra_rows or {}).items()},
-                  "chunk_files": files.stamp_chunks(written) if files.all_ours else chunk_files(tmp, written),
-                  "complete": True}
-    files.put("zarr.json", _group_json(root_attrs))
-    return root_attrs, files.nbytes if files.all_ours else None
+class RaggedWriter:
+    """A group written scan by scan (`append`), then `finish`ed with its attributes and published.
+
+    Each field's rows are packed into whole chunks as scans arrive; a full chunk is compressed,
+    hashed and written to its file by one background thread while the caller makes the next
+    scans (prepare reads and fuses while the previous chunks are compressed), and at most two
+    chunk buffers per field are alive, reused. The files are those zarr's create_array and
+    `arr[...] = values` write for the whole field, byte for byte (tests/test_ragged.py); zarr's own
+    chunk pipeline cost about twice the compressor's time per chunk (a fill-value buffer, copies,
+    a thread hop per codec) and a dozen awaited store operations per array.
+
+        with RaggedWriter(path, compression) as writer:
+            for scan in scans:
+                writer.append({"points": ..., "label": ...}, {"hard": {"feat": ...}})
+            nbytes = writer.finish(attrs)
+
+    Leaving the block without `finish` (an error) publishes nothing and removes the temporary."""
+
+    def __init__(self, path, compression: dict[str, dict] | None = None):
+        if sys.byteorder != "little":
+            raise NotImplementedError("ragged groups are written on little-endian machines only")
+        self.path = storage.path(path)
+        self.compression = compression or {}
+        self.nbytes: int | None = None
+        self._rowsets: dict[str, _RowSet] = {}
+        self._chunks: list = []  # futures of (chunk path, [size, crc32])
+        self._finished = False
+
+    def __enter__(self) -> "RaggedWriter":
+        self._stack = contextlib.ExitStack()
+        remote = isinstance(self.path, storage.ObjectPath)
+        tmp = self._stack.enter_context(storage.local_stage(self.path) if remote else atomic_path(self.path))
+        self._files = _Files(Path(tmp))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ragged-writer")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._pool.shutdown(wait=True, cancel_futures=not self._finished)
+        if exc is None and not self._finished:
+            exc = RuntimeError(f"{self.path}: writer closed without finish(); nothing published")
+            self._stack.__exit__(RuntimeError, exc, None)
+            raise exc
+        return self._stack.__exit__(exc_type, exc, tb)
+
+    def append(self, rows: dict, extra_rows: dict[str, dict] | None = None) -> None:
+        """One scan: {field: its rows} of the main row set and of each extra row set, a field's
+        rows an array or a tuple of arrays (its pieces, stored in order: copied once, into chunks)."""
+        for prefix, fields in (("", rows), *(extra_rows or {}).items()):
+            rowset = self._rowsets.get(prefix)
+            if rowset is None:
+                rowset = self._rowsets[prefix] = _RowSet(prefix, fields, self.compression)
+            rowset.append(fields, self._submit)
+
+    def _submit(self, field: "_Field", index: int, buffer: np.ndarray, filled: int) -> None:
+        self._chunks.append(self._pool.submit(_write_chunk, self._files, field, index, buffer, filled))
+
+    def finish(self, attrs: dict) -> int:
+        """Write the last chunks, the offsets and the metadata (the root's, listing every chunk
+        file with its size and CRC-32, last); returns the group's bytes."""
+        if "" not in self._rowsets:
+            raise ValueError(f"{self.path}: no scans appended")
+        scans = {prefix or "main": len(r.counts) for prefix, r in self._rowsets.items()}
+        if len(set(scans.values())) != 1:
+            raise ValueError(f"{self.path}: row sets have different numbers of scans: {scans}")
+        for rowset in self._rowsets.values():
+            rowset.close(self._submit)
+        written = dict(future.result() for future in self._chunks)  # the writer thread's error, if any, raised here
+        for rowset in self._rowsets.values():
+            for field in rowset.fields.values():
+                field.release()
+        files = self._files
+        for prefix, rowset in self._rowsets.items():
+            if prefix:
+                files.put(f"{prefix}/zarr.json", _group_json({}))
+            for field in rowset.fields.values():
+                files.put(f"{field.key}/zarr.json", _metadata_json(field.metadata()))
+            offsets = np.zeros(len(rowset.counts) + 1, np.int64)
+            np.cumsum(rowset.counts, out=offsets[1:])
+            written.update(_store_whole(files, f"{prefix}/offsets" if prefix else "offsets", offsets))
+        root_attrs = {**attrs, "schema_version": SCHEMA_VERSION, "fields": list(self._rowsets[""].fields),
+                      "extra_rows": {prefix: list(r.fields) for prefix, r in self._rowsets.items() if prefix},
+                      "chunk_files": files.stamp_chunks(written), "complete": True}
+        files.put("zarr.json", _group_json(root_attrs))
+        self._finished = True
+        remote = isinstance(self.path, storage.ObjectPath)
+        self.nbytes = _publish_group(files.root, root_attrs, self.path) if remote else files.nbytes
+        return self.nbytes
+
+
+class _RowSet:
+    """Fields that share one `offsets` array (the group's root, or the subgroup `prefix`)."""
+
+    def __init__(self, prefix: str, fields: dict, compression: dict[str, dict]):
+        self.prefix, self.counts = prefix, []
+        at = f"{prefix}/" if prefix else ""
+        self.fields = {name: _Field(at + name, _pieces(rows), compression.get(name, {})) for name, rows in fields.items()}
+
+    def append(self, fields: dict, submit) -> None:
+        if list(fields) != list(self.fields):
+            raise ValueError(f"row set {self.prefix or 'main'!r}: fields {list(fields)}, earlier scans {list(self.fields)}")
+        pieces = {name: _pieces(rows) for name, rows in fields.items()}
+        counts = {name: sum(len(a) for a in p) for name, p in pieces.items()}
+        first = next(iter(counts))
+        for name, n in counts.items():
+            if n != counts[first]:
+                raise ValueError(f"field {name!r} has row counts that differ from {first!r} ({n} vs {counts[first]})")
+        for name, p in pieces.items():
+            self.fields[name].extend(p, submit)
+        self.counts.append(counts[first])
+
+    def close(self, submit) -> None:
+        for field in self.fields.values():
+            field.close(submit)
+
+
+def _pieces(rows) -> tuple:
+    return rows if isinstance(rows, tuple) else (rows,)
+
+
+class _Field:
+    """One field's rows, packed into chunk buffers of ROWS_PER_CHUNK rows; a full buffer is
+    handed to the writer thread, which gives it back once compressed (`free`)."""
+
+    BUFFERS = 2  # one being filled while the other is compressed
+
+    def __init__(self, key: str, first: tuple, compression: dict):
+        self.key = key
+        self.dtype = np.result_type(*first).newbyteorder("=")
+        self.row_shape = first[0].shape[1:]
+        codec = _compressor(self.dtype, **compression)
+        self._meta = _array_metadata((0,) + self.row_shape, self.dtype.str, (ROWS_PER_CHUNK,) + self.row_shape, codec)
+        self.codec = _blosc(self._meta)
+        self.fill_value = self._meta.fill_value
+        self.rows = 0
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self._allocated, self._chunks = 0, 0
+        self._buffer, self._filled = None, 0
+
+    def extend(self, pieces: tuple, submit) -> None:
+        for piece in pieces:
+            if piece.shape[1:] != self.row_shape or (len(piece) and piece.dtype.newbyteorder("=") != self.dtype):
+                raise ValueError(f"field {self.key!r}: rows of shape {piece.shape[1:]} and dtype {piece.dtype}, "
+                                 f"earlier {self.row_shape} and {self.dtype}")
+            at = 0
+            while at < len(piece):
+                if self._buffer is None:
+                    self._buffer, self._filled = self._take_buffer(), 0
+                n = min(len(piece) - at, ROWS_PER_CHUNK - self._filled)
+                self._buffer[self._filled : self._filled + n] = piece[at : at + n]
+                self._filled += n
+                at += n
+                if self._filled == ROWS_PER_CHUNK:
+                    self._hand_over(submit)
+            self.rows += len(piece)
+
+    def close(self, submit) -> None:
+        if self._buffer is not None and self._filled:
+            self._hand_over(submit)
+
+    def _take_buffer(self) -> np.ndarray:
+        if self._allocated < self.BUFFERS:
+            self._allocated += 1
+            try:
+                return _SPARE_BUFFERS.setdefault(self._kind(), []).pop()
+            except IndexError:
+                return np.empty((ROWS_PER_CHUNK,) + self.row_shape, self.dtype)
+        return self.free.get()  # waits for the writer thread: memory stays bounded
+
+    def _kind(self) -> tuple:
+        return (self.dtype.str, self.row_shape)
+
+    def release(self) -> None:
+        """Once every chunk is written: the buffers are kept for the process's next writer."""
+        spare = _SPARE_BUFFERS.setdefault(self._kind(), [])
+        while not self.free.empty():
+            buffer = self.free.get()
+            if len(spare) < self.BUFFERS:
+                spare.append(buffer)
+
+    def _hand_over(self, submit) -> None:
+        submit(self, self._chunks, self._buffer, self._filled)
+        self._chunks += 1
+        self._buffer = None
+
+    def chunk_path(self, index: int) -> str:
+        return f"{self.key}/{self._meta.encode_chunk_key((index,) + (0,) * len(self.row_shape))}"
+
+    def metadata(self) -> ArrayV3Metadata:
+        return dataclasses.replace(self._meta, shape=(self.rows,) + self.row_shape)
+
+
+#: chunk buffers of finished writers, by (dtype, row shape), for the next writer of this process:
+#: fresh memory costs a page fault per 4 kB each time it is first written
+_SPARE_BUFFERS: dict[tuple, list] = {}
+
+
+def _write_chunk(files: "_Files", field: _Field, index: int, buffer: np.ndarray, filled: int) -> tuple[str, list]:
+    """In the writer thread: chunk `index` of `field` (its first `filled` rows in `buffer`; zarr
+    pads the last chunk with the fill value) to its file; the buffer goes back to the field."""
+    try:
+        if filled < len(buffer):
+            buffer[filled:] = field.fill_value
+        return _put_chunk(files, field.chunk_path(index), field.codec, buffer)
+    finally:
+        field.free.put(buffer)
+
+
+def _put_chunk(files: "_Files", path: str, codec: Blosc, block: np.ndarray) -> tuple[str, list]:
+    blob = _compress(codec, block)
+    files.put(path, blob)
+    return path, [len(blob), f"{zlib.crc32(blob):08x}"]
+
+
+def _compress(codec: Blosc, block: np.ndarray) -> bytes:
+    return codec.encode(block.reshape(-1).view(np.uint8))
+
+
+def _store_whole(files: "_Files", key: str, values: np.ndarray) -> dict[str, list]:
+    """A small array written at once (offsets), chunked as zarr chooses from its shape; a chunk of
+    fill values is left out, as zarr does."""
+    meta = _array_metadata(values.shape, values.dtype.str, None, _compressor(values.dtype))
+    files.put(f"{key}/zarr.json", _metadata_json(meta))
+    codec, rows = _blosc(meta), meta.chunk_grid.chunk_shape[0]
+    out = {}
+    for index, start in enumerate(range(0, len(values), rows)):
+        block = np.full(rows, meta.fill_value, values.dtype)
+        block[: min(rows, len(values) - start)] = values[start : start + rows]
+        if (block != meta.fill_value).any():
+            path, record = _put_chunk(files, f"{key}/{meta.encode_chunk_key((index,))}", codec, block)
+            out[path] = record
+    return out
 
 
 class _Files:
-    """Plain files under a new directory, written in this thread; the directories made once.
-    Knowing every file it wrote, it stamps the chunks and counts the bytes without listing the
-    directory again, unless zarr wrote some of them (`all_ours` false)."""
+    """Plain files under a new directory; the directories made once. Knowing every file it wrote,
+    it stamps the chunks and counts the bytes without listing the directory again. Used by one
+    thread at a time (the writer thread while chunks stream, the caller's once they are done)."""
 
     def __init__(self, root: Path):
-        self.root, self.dirs = root, set()
-        self.nbytes, self.all_ours = 0, True
+        self.root, self.dirs, self.nbytes = root, set(), 0
 
     def put(self, key: str, blob: bytes) -> None:
         path = os.path.join(self.root, key)
@@ -119,7 +331,7 @@ class _Files:
         self.nbytes += len(blob)
 
     def stamp_chunks(self, written: dict[str, list]) -> dict[str, list]:
-        """chunk_files for a group whose chunks are all in `written`: each stamped CHUNK_MTIME."""
+        """The chunk list of the root's attributes, each chunk file stamped CHUNK_MTIME."""
         for rel in written:
             os.utime(os.path.join(self.root, rel), ns=(CHUNK_MTIME, CHUNK_MTIME))
         return {rel: written[rel] for rel in sorted(written)}
@@ -131,6 +343,36 @@ def _group_json(attributes: dict) -> bytes:
     prepare for its shards' manifest rows; without indentation the C encoder writes them."""
     return json.dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"}, allow_nan=True,
                       separators=(",", ":")).encode()
+
+
+def _metadata_json(meta: ArrayV3Metadata) -> bytes:
+    return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def _array_metadata(shape: tuple, dtype: str, chunks, compressor: BloscCodec) -> ArrayV3Metadata:
+    """What zarr's create_array records for these settings: made by zarr once per kind of array
+    (in memory) and given this shape; an array without chunks is chunked as zarr guesses from
+    its shape, so its shape is part of the kind."""
+    kind = (len(shape), dtype, chunks, json.dumps(compressor.to_dict(), sort_keys=True), None if chunks else shape)
+    template = _TEMPLATES.get(kind)
+    if template is None:
+        made = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype=dtype, chunks=chunks or "auto",
+                                 compressors=compressor, zarr_format=3, chunk_key_encoding=CHUNK_KEY_ENCODING)
+        template = _TEMPLATES[kind] = made.metadata
+    return dataclasses.replace(template, shape=tuple(shape))
+
+
+_TEMPLATES: dict[tuple, ArrayV3Metadata] = {}
+_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+
+
+def _blosc(meta: ArrayV3Metadata) -> Blosc:
+    """The compressor zarr runs for arrays of `meta` (bytes, then blosc: what _compressor makes)."""
+    codecs = meta.codecs
+    if len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], BloscCodec):
+        raise ValueError(f"unexpected codec chain {codecs}")
+    c = codecs[1]
+    return Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value], blocksize=c.blocksize, typesize=c.typesize)
 
 
 COMMIT_SUFFIX = storage.COMMIT_SUFFIX  # NAME.zarr.commit beside the group on an object store
@@ -170,22 +412,6 @@ def _hash(path: Path) -> str:
     """CRC-32 of a chunk file: it detects damage, which is all it is for (no adversary), and runs
     at ~4 GB/s where blake2b ran at 0.6 (prepare rehashed every chunk it had just written)."""
     return f"{zlib.crc32(path.read_bytes()):08x}"
-
-
-def chunk_files(group_dir, written: dict[str, list] | None = None) -> dict[str, list]:
-    """{relative path: [size, crc32]} of every chunk file under a group, each stamped CHUNK_MTIME.
-    `written`: {relative path: [size, crc32]} of the bytes this process just wrote, so a file of
-    that size is not read back to be hashed again."""
-    group_dir = Path(group_dir)
-    written = written or {}
-    out = {}
-    for f in sorted(group_dir.rglob("*")):
-        rel = f.relative_to(group_dir).as_posix()
-        if f.is_file() and _is_chunk(rel):
-            size = f.stat().st_size
-            out[rel] = [size, written[rel][1] if rel in written and written[rel][0] == size else _hash(f)]
-            os.utime(f, ns=(CHUNK_MTIME, CHUNK_MTIME))
-    return out
 
 
 def _check_chunks(path: Path, recorded: dict, hashes: bool | None, stamps: dict | None = None) -> None:
@@ -251,109 +477,6 @@ def verify_group(path) -> bool:
     except DataError:
         return False
     return True
-
-
-def _write_rowset(files: "_Files", prefix: str, fields: dict[str, list], compression: dict[str, dict]) -> dict[str, list]:
-    """Write the fields and offsets of one row set (the group at `prefix`); returns
-    {path relative to the root: [size, crc32]} of the chunks written directly (_store_array).
-    A scan's rows in a field are one array or a tuple of arrays (its pieces, stored in order)."""
-    names = list(fields)
-    pieces = {name: [scan if isinstance(scan, tuple) else (scan,) for scan in fields[name]] for name in names}
-    counts = np.array([sum(len(a) for a in scan) for scan in pieces[names[0]]], dtype=np.int64)
-    for name in names[1:]:
-        if not np.array_equal([sum(len(a) for a in scan) for scan in pieces[name]], counts):
-            raise ValueError(f"field {name!r} has row counts that differ from {names[0]!r}")
-    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    written = {}
-    at = f"{prefix}/" if prefix else ""
-    for name in names:
-        parts = [a for scan in pieces[name] for a in scan]
-        dtype = np.result_type(*parts)
-        # every chunk is written (and recorded), and no chunk is compared with the fill value
-        written.update(_store_array(files, at + name, parts, _compressor(dtype, **compression.get(name, {})),
-                                    chunks=(ROWS_PER_CHUNK,) + parts[0].shape[1:], write_empty=True))
-    written.update(_store_array(files, at + "offsets", offsets, _compressor(offsets.dtype), chunks=None, write_empty=False))
-    return written
-
-
-def _store_array(files: "_Files", key: str, values, compressor: BloscCodec, chunks, write_empty: bool) -> dict[str, list]:
-    """The array `key` holding `values` (an array, or a list of arrays: its rows in pieces) as
-    zarr's create_array(key, shape, dtype, chunks, compressors) and `arr[...] = values` store it,
-    byte for byte (tests/test_ragged.py compares them); returns {chunk path: [size, crc32]} of
-    the chunks encoded here. Zarr creating an array awaits a dozen store operations on its event
-    loop, and its chunk pipeline spent about twice the compressor's own time per chunk (a
-    fill-value buffer, copies, a thread hop per codec): together most of a shard write. Pieces are
-    copied once, into a buffer of whole chunks whose tail is already the fill value."""
-    parts = values if isinstance(values, list) else None
-    shape = ((sum(len(a) for a in parts),) + parts[0].shape[1:]) if parts is not None else values.shape
-    dtype = np.result_type(*parts) if parts is not None else values.dtype
-    meta = _array_metadata(shape, dtype.str, chunks, compressor)
-    files.put(f"{key}/zarr.json", meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
-    if parts is not None:
-        rows = meta.chunk_grid.chunk_shape[0]
-        padded = np.empty((-(-shape[0] // rows) * rows,) + shape[1:], dtype)
-        np.concatenate(parts, out=padded[: shape[0]])
-        padded[shape[0]:] = meta.fill_value
-        values = padded[: shape[0]]
-    else:
-        padded = None
-    encoded = _encode_chunks(meta, key, np.ascontiguousarray(values), write_empty, padded)
-    if encoded is None:  # another codec chain: zarr's own pipeline
-        files.all_ours = False
-        arr = zarr.open_array(zarr.storage.LocalStore(files.root), path=key, mode="r+",
-                              config={"write_empty_chunks": write_empty})
-        arr[...] = values
-        return {}
-    for chunk_key, blob in encoded.items():
-        files.put(chunk_key, blob)
-    return {chunk_key: [len(blob), f"{zlib.crc32(blob):08x}"] for chunk_key, blob in encoded.items()}
-
-
-def _array_metadata(shape: tuple, dtype: str, chunks, compressor: BloscCodec) -> ArrayV3Metadata:
-    """What zarr's create_array records for these settings: made by zarr once per kind of array
-    (in memory) and given this shape; an array without chunks is chunked as zarr guesses from
-    its shape, so its shape is part of the kind."""
-    kind = (len(shape), dtype, chunks, json.dumps(compressor.to_dict(), sort_keys=True), None if chunks else shape)
-    template = _TEMPLATES.get(kind)
-    if template is None:
-        made = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype=dtype, chunks=chunks or "auto",
-                                 compressors=compressor, zarr_format=3, chunk_key_encoding=CHUNK_KEY_ENCODING)
-        template = _TEMPLATES[kind] = made.metadata
-    return dataclasses.replace(template, shape=tuple(shape))
-
-
-_TEMPLATES: dict[tuple, ArrayV3Metadata] = {}
-_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
-
-
-def _encode_chunks(meta: ArrayV3Metadata, key: str, flat: np.ndarray, write_empty: bool,
-                   padded: np.ndarray | None = None) -> dict[str, bytes] | None:
-    """{path: bytes} of every chunk of the array `key` (metadata `meta`, chunked along rows only)
-    holding `flat`, as zarr encodes them: the same blosc call on the same bytes, the last chunk
-    padded with the fill value, a chunk of fill values left out unless the array writes empty
-    chunks. None where the codec chain is not bytes + blosc on native little-endian data.
-    `padded`: `flat` followed by fill values to whole chunks, where the caller has it."""
-    codecs = meta.codecs
-    chunk_shape = tuple(meta.chunk_grid.chunk_shape)
-    if (len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], BloscCodec)
-            or sys.byteorder != "little" or not flat.dtype.isnative or not flat.flags.c_contiguous or chunk_shape[1:] != flat.shape[1:]):
-        return None
-    c = codecs[1]
-    blosc = Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value], blocksize=c.blocksize, typesize=c.typesize)
-    rows, fill = chunk_shape[0], meta.fill_value
-    out = {}
-    whole = flat if padded is None else padded
-    for j, start in enumerate(range(0, len(flat), rows)):
-        block = whole[start : start + rows]
-        if len(block) < rows:  # only without `padded`
-            last = np.full((rows,) + flat.shape[1:], fill, flat.dtype)
-            last[: len(block)] = block
-            block = last
-        if not write_empty and (block == fill).all():
-            continue
-        out[f"{key}/{meta.encode_chunk_key((j,) + (0,) * (flat.ndim - 1))}"] = blosc.encode(block.view(np.uint8).reshape(-1))
-    return out
 
 
 def dir_bytes(path) -> int:
@@ -443,6 +566,3 @@ class RaggedReader:
             stop = min(stop, start + rows.stop) if rows.stop is not None else stop
             start = first
         return self._guard(lambda: {n: arrays[n][start:stop] for n in (names or arrays)})
-
-    def per_scan(self, name: str) -> np.ndarray:
-        return self._guard(lambda: self.group[name][...])

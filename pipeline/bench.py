@@ -16,6 +16,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -137,56 +138,64 @@ def prepare_on_disk(data: Path, run: Path, cfg, jobs: int, sequences, repeats: i
     return summary["scans"] / statistics.median(seconds), statistics.median(cpu), summary
 
 
-#: prepare's phases at 1 job, by the functions that run them (module, name); "other" is the rest
-#: (stacking a shard's scans, manifest rows, planning, stamps)
+#: prepare's phases at 1 job, by the functions that run them (module or class, name); "other" is
+#: the rest (manifest rows of each scan, planning, stamps, the writer thread's bookkeeping)
 PREPARE_PHASES = {
     "read": [(sk, "read_bytes")],
-    "parse": [(sk, "parse_scan"), (sk, "parse_label")],
+    "parse": [(sk, "parse_scan"), (sk, "parse_label"), (sk, "training_ids")],
     "fusion": [(prepare_module, "fuse")],
-    "compress": [(ragged, "_encode_chunks")],
-    "shard_files": [(prepare_module, "write_ragged")],  # zarr metadata, chunk files, checksums: the write less compress
+    "compress": [(ragged, "_compress")],
+    # rows packed into chunk buffers, chunk files and their CRC-32s, offsets and metadata: the write less compress
+    "shard_files": [(ragged.RaggedWriter, "append"), (ragged, "_put_chunk"), (ragged.RaggedWriter, "finish")],
     "manifest": [(prepare_module, "manifest_rows"), (prepare_module, "write_manifest")],
 }
 
 
 @contextmanager
 def cpu_by_phase(phases: dict[str, list[tuple[object, str]]]):
-    """Yields {phase: CPU seconds} (process time, every thread) spent in each phase's functions
-    while the context is open; time in a phase's function called from another's is the inner one's."""
+    """Yields {phase: CPU seconds} spent in each phase's functions while the context is open, each
+    call timed by its own thread's CPU clock (the shard writer compresses in a thread of its own);
+    time in a phase's function called from another's is the inner one's."""
     spent: dict[str, float] = defaultdict(float)
-    stack: list[float] = []  # CPU of inner phases, per open call
+    local = threading.local()  # per thread: CPU of inner phases, per open call
     saved = []
 
     def wrap(fn, phase):
         def timed_call(*args, **kwargs):
-            c0 = time.process_time()
+            stack = local.__dict__.setdefault("stack", [])
+            c0 = time.thread_time()
             stack.append(0.0)
             try:
                 return fn(*args, **kwargs)
             finally:
-                dt, inner = time.process_time() - c0, stack.pop()
+                dt, inner = time.thread_time() - c0, stack.pop()
                 spent[phase] += dt - inner
                 if stack:
                     stack[-1] += dt
         return timed_call
 
     for phase, targets in phases.items():
-        for module, name in targets:
-            if hasattr(module, name):
-                saved.append((module, name, getattr(module, name)))
-                setattr(module, name, wrap(getattr(module, name), phase))
+        for owner, name in targets:
+            if hasattr(owner, name):
+                saved.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, wrap(getattr(owner, name), phase))
     try:
         yield spent
     finally:
-        for module, name, fn in reversed(saved):
-            setattr(module, name, fn)
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
 
 
 def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
     """Prepare's rate at 1 job and at all cores against the I/O-only rate (medians of repeated
-    runs, each to its output on disk), its CPU per scan by phase at 1 job (a separate run), and a
-    re-run on the finished output: plain (sizes and stamps) and with verify (every chunk hashed)."""
+    runs, each to its output on disk), with 8 frames a shard (a dozen shards from 96 scans, so
+    jobs have shards to share) and at 1 job with the default shard size; its CPU per scan by phase
+    at 1 job (a separate run), and a re-run on the finished output: plain (sizes and stamps) and
+    with verify (every chunk hashed)."""
     rates, cpu = {}, {}
+    default = PrepareConfig(FusionConfig(k=4))
+    rate_default, _, _ = prepare_on_disk(data, work / "prep_default", default, 1, sequences)
+    shutil.rmtree(work / "prep_default", ignore_errors=True)
     cfg = PrepareConfig(FusionConfig(k=4), frames_per_shard=8)
     for jobs in sorted({1, cores}):
         run = work / f"prep_j{jobs}"
@@ -205,6 +214,8 @@ def bench_prepare(data: Path, work: Path, sequences, cores: int) -> dict:
     phases["other"] = 1000 * total / summary["scans"] - sum(phases.values())
     return {"scans_per_s_1job": rates[1], "scans_per_s_all": rates[cores], "jobs_all": cores, "io_only_scans_per_s": io,
             "prepare_vs_io_rate": rates[cores] / io, "prepare_vs_io_rate_1job": rates[1] / io,
+            "frames_per_shard": cfg.frames_per_shard, "frames_per_shard_default": default.frames_per_shard,
+            "scans_per_s_1job_default_shards": rate_default, "prepare_vs_io_rate_1job_default_shards": rate_default / io,
             "cpu_ms_per_scan_1job": 1000 * cpu[1], "cpu_ms_per_scan_by_phase": phases,
             "rerun_finished_s": rerun, "rerun_verify_s": rerun_verify,
             "bytes_per_single_point": summary["bytes_per_single_point"],
@@ -641,7 +652,10 @@ def format_table(result: dict) -> str:
         f"synth                     {result['synth']['seconds_per_scan']:.3f} s/scan, {result['synth']['points_per_scan']:.0f} points/scan",
         f"prepare (k=4)             {p['scans_per_s_1job']:.2f} scans/s @1 job ({p['cpu_ms_per_scan_1job']:.0f} ms CPU/scan), "
         f"{p['scans_per_s_all']:.2f} @{p['jobs_all']} jobs; I/O only {p['io_only_scans_per_s']:.1f} scans/s -> ratio "
-        f"{p['prepare_vs_io_rate_1job']:.2f} @1 job, {p['prepare_vs_io_rate']:.2f} @{p['jobs_all']}",
+        f"{p['prepare_vs_io_rate_1job']:.2f} @1 job, {p['prepare_vs_io_rate']:.2f} @{p['jobs_all']}"
+        + (f" ({p['frames_per_shard']} frames a shard); {p['scans_per_s_1job_default_shards']:.2f} scans/s @1 job with "
+           f"{p['frames_per_shard_default']} (the default) -> {p['prepare_vs_io_rate_1job_default_shards']:.2f}"
+           if "scans_per_s_1job_default_shards" in p else ""),
         *(["prepare CPU by phase      " + ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_ms_per_scan_by_phase"].items())
            + " ms/scan @1 job"] if "cpu_ms_per_scan_by_phase" in p else []),
         f"prepare re-run, finished  {p['rerun_finished_s']:.2f} s (sizes and stamps); with --verify {p['rerun_verify_s']:.2f} s",

@@ -76,14 +76,13 @@ def _cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfi
     voxel = ckpt["config"]["voxel_size"]
     temperature = attrs["temperature"]
     reader = RaggedReader(run.prepare / shard_rel)
-    single_count = reader.per_scan("single_count")
     logit_fields: dict[str, list] = {}
     feat_fields: dict[str, list] = {}
     kl_sum, kl_max, feat_err, n_points = 0.0, 0.0, [], 0
     conf = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     for i in range(len(reader)):
         data = reader.read(i, names=["points", "label"])
-        n = int(single_count[i])
+        n = int(reader.attrs["rows"][i]["n_single"])
         logits, feats = teacher_outputs(model, data["points"], voxel, cfg.feature_layer, device)
         logits, feats, raw = logits[:n], feats[:n], data["label"][:n]
         hard = spec.hard_instance_points(raw)

@@ -26,7 +26,7 @@ from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_json
 from m2skd.fusion import Frame, FusionConfig, fuse, instance_keys, instance_occupancy
 from m2skd.manifest import read_manifest, write_manifest
-from m2skd.ragged import RaggedReader, dir_bytes, file_stamp, group_is_current, list_groups, write_ragged
+from m2skd.ragged import RaggedReader, dir_bytes, file_stamp, group_is_current, list_groups, RaggedWriter
 from m2skd.rundir import RunDir, spec_for_run
 
 from .parallel import run_tasks
@@ -107,7 +107,7 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
     k = fcfg.k if fcfg.mode != "none" else 0
     first = int(task.frames[0])
     window: dict[int, Frame] = {}  # frame number -> frame, the k numbers before the current one
-    points, labels, sources, rows = [], [], [], []
+    rows = []
     icp = [0, 0]
     row_start = 0
     todo = [(n, name) for n, name in task.window if n >= first - k]
@@ -115,41 +115,35 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
     inputs = [seq.path / "poses.txt", seq.path / "calib.txt"]
     inputs += [p for _, name in todo for p in ([seq.scan_path(name)] + ([seq.label_path(name)] if labelled else []))]
     stamps = {str(p): file_stamp(p) for p in inputs}
-    for i, name in todo:
-        frame = load_frame(seq, name, poses[i], labelled, spec)
-        if i >= first:
-            previous = [(j, window[i - j]) for j in range(1, k + 1) if i - j in window]
-            fused = fuse(frame, previous, spec.hard_mask, spec.moving_lut, fcfg)
-            n_single, n_fused = len(frame.points), len(fused.points)
-            single_label = frame.raw_label if labelled else np.zeros(n_single, np.uint32)
-            points.append((frame.points, fused.points))  # a scan's rows in pieces: write_ragged copies them once
-            labels.append((single_label, fused.raw_label))
-            sources.append((np.zeros(n_single, np.uint8), fused.source))
-            icp[0] += fused.icp_accepted
-            icp[1] += fused.icp_rejected
-            rows.append({
-                "sequence": task.sequence, "frame": i, "frame_name": name, "split": task.split,
-                "has_labels": labelled, "n_single": n_single, "n_fused": n_fused,
-                "n_hard_instances": len(fused.instance_points_single),
-                "shard": storage.path(task.path).relative_to(storage.path(task.path).parents[2]).as_posix(),  # shards/SEQ/NAME
-                "shard_index": len(rows), "row_start": row_start, "row_stop": row_start + n_single + n_fused,
-                "class_points_single": (np.bincount(frame.train, minlength=spec.num_classes)
-                                        if labelled else np.zeros(spec.num_classes, np.int64)).tolist(),
-                "hard_instance_points_single": fused.instance_points_single.tolist(),
-                "hard_instance_points_fused": fused.instance_points_fused.tolist(),
-            })
-            row_start += n_single + n_fused
-        window[i] = frame
-        window = {j: f for j, f in window.items() if j > i - k}
-    attrs = {"sequence": task.sequence, **shard_attrs(cfg, task.data_root), "rows": rows, "frames": [r["frame_name"] for r in rows],
-             "input_stamps": stamps, "icp_accepted": icp[0], "icp_rejected": icp[1]}
-    nbytes = write_ragged(
-        task.path,
-        {"points": points, "label": labels, "source": sources},
-        attrs,
-        per_scan={"single_count": np.array([r["n_single"] for r in rows], np.int64)},
-        compression=SHARD_COMPRESSION,
-    )
+    with RaggedWriter(task.path, SHARD_COMPRESSION) as writer:  # scan by scan: earlier chunks are written while later scans fuse
+        for i, name in todo:
+            frame = load_frame(seq, name, poses[i], labelled, spec)
+            if i >= first:
+                previous = [(j, window[i - j]) for j in range(1, k + 1) if i - j in window]
+                fused = fuse(frame, previous, spec.hard_mask, spec.moving_lut, fcfg)
+                n_single, n_fused = len(frame.points), len(fused.points)
+                single_label = frame.raw_label if labelled else np.zeros(n_single, np.uint32)
+                writer.append({"points": (frame.points, fused.points), "label": (single_label, fused.raw_label),
+                               "source": (np.zeros(n_single, np.uint8), fused.source)})
+                icp[0] += fused.icp_accepted
+                icp[1] += fused.icp_rejected
+                rows.append({
+                    "sequence": task.sequence, "frame": i, "frame_name": name, "split": task.split,
+                    "has_labels": labelled, "n_single": n_single, "n_fused": n_fused,
+                    "n_hard_instances": len(fused.instance_points_single),
+                    "shard": storage.path(task.path).relative_to(storage.path(task.path).parents[2]).as_posix(),  # shards/SEQ/NAME
+                    "shard_index": len(rows), "row_start": row_start, "row_stop": row_start + n_single + n_fused,
+                    "class_points_single": (np.bincount(frame.train, minlength=spec.num_classes)
+                                            if labelled else np.zeros(spec.num_classes, np.int64)).tolist(),
+                    "hard_instance_points_single": fused.instance_points_single.tolist(),
+                    "hard_instance_points_fused": fused.instance_points_fused.tolist(),
+                })
+                row_start += n_single + n_fused
+            window[i] = frame
+            window = {j: f for j, f in window.items() if j > i - k}
+        nbytes = writer.finish({"sequence": task.sequence, **shard_attrs(cfg, task.data_root), "rows": rows,
+                                "frames": [r["frame_name"] for r in rows], "input_stamps": stamps,
+                                "icp_accepted": icp[0], "icp_rejected": icp[1]})
     return {"path": task.path, "frames": len(rows), "bytes": nbytes, "written": True}
 
 
@@ -211,7 +205,6 @@ def manifest_rows(run: RunDir) -> tuple[list[dict], int]:
 def shard_occupancy(path, spec: DatasetSpec, voxel_size: float) -> dict[str, np.ndarray]:
     """instance_occupancy of every hard instance of every labelled scan in one shard, concatenated."""
     reader = RaggedReader(path)
-    single_count = reader.per_scan("single_count")
     parts = []
     for i, row in enumerate(reader.attrs["rows"]):
         if not row["has_labels"]:
@@ -220,7 +213,7 @@ def shard_occupancy(path, spec: DatasetSpec, voxel_size: float) -> dict[str, np.
         raw = data["label"]
         train = spec.learning_lut.take(raw & 0xFFFF)
         keys = np.where(spec.hard_mask[train] & ((raw >> 16) > 0), instance_keys(train, raw >> 16), 0)
-        parts.append(instance_occupancy(data["points"][:, :3], keys, int(single_count[i]), voxel_size))
+        parts.append(instance_occupancy(data["points"][:, :3], keys, row["n_single"], voxel_size))
     names = ("points_single", "points_fused", "voxels_single", "voxels_fused")
     return {n: np.concatenate([p[n] for p in parts]) if parts else np.zeros(0, np.int64) for n in names}
 

@@ -12,7 +12,7 @@ from m2skd.ragged import ROWS_PER_CHUNK, RaggedReader, write_ragged
 SHARD_LIKE = {"points": {"cname": "lz4", "clevel": 9}, "label": {"cname": "lz4", "clevel": 9}}
 
 
-def reference_group(path, fields, attrs, per_scan, extra_rows, compression):
+def reference_group(path, fields, attrs, extra_rows, compression):
     """The group as zarr's public API writes it: create_array per field, `arr[...] = values`,
     and the root attributes set once."""
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -33,10 +33,6 @@ def reference_group(path, fields, attrs, per_scan, extra_rows, compression):
     rowset(root, fields)
     for name, rows in extra_rows.items():
         rowset(root.create_group(name), rows)
-    for name, values in per_scan.items():
-        arr = root.create_array(name, shape=values.shape, dtype=values.dtype, compressors=ragged._compressor(values.dtype),
-                                chunk_key_encoding=ragged.CHUNK_KEY_ENCODING)
-        arr[...] = values
     root.update_attributes(attrs)
 
 
@@ -49,27 +45,28 @@ def test_writer_gives_zarrs_files(tmp_path, in_pieces):
     """...whether each scan's rows come as one array or as pieces (prepare: the single scan,
     then what fusion adds), one piece empty."""
     rng = np.random.default_rng(3)
-    # three scans spanning two chunks of rows (the last one padded), smooth values that compress,
-    # and an all-zero per-scan array (a chunk of fill values, which zarr leaves out)
-    counts = [150_000, 90_000, 60_000]
+    # three scans over three chunks of rows, the second spanning all three (the last one padded),
+    # smooth values that compress; a row set whose scans are all empty (offsets all zero: a chunk
+    # of fill values, which zarr leaves out)
+    counts = [150_000, 400_000, 60_000]
     points = [np.cumsum(rng.normal(size=(n, 4)), axis=0).astype(np.float32) for n in counts]
     labels = [rng.integers(0, 20, n).astype(np.int32) for n in counts]
     source = [np.zeros(n, np.uint8) for n in counts]
-    hard = {"feat": [rng.normal(size=(n, 8)).astype(np.float16) for n in (5, 0, 7)]}
-    per_scan = {"single_count": np.array(counts, np.int64), "empty": np.zeros(3, np.int32)}
+    extra = {"hard": {"feat": [rng.normal(size=(n, 8)).astype(np.float16) for n in (5, 0, 7)]},
+             "none": {"feat": [np.zeros((0, 3), np.float32)] * 3}}
     attrs = {"sequence": "00", "x": 1.5, "rows": [{"frame": i} for i in range(3)]}
     ours, theirs = tmp_path / "ours.zarr", tmp_path / "theirs.zarr"
     given = {"points": points, "label": labels, "source": source}
     if in_pieces:
         given = {name: [(a[:1000], a[1000:1000], a[1000:]) for a in scans] for name, scans in given.items()}
-    write_ragged(ours, given, attrs, per_scan=per_scan, extra_rows={"hard": hard}, compression=SHARD_LIKE)
+    write_ragged(ours, given, attrs, extra_rows=extra, compression=SHARD_LIKE)
 
     recorded = json.loads((ours / "zarr.json").read_text())["attributes"]
-    reference_group(theirs, {"points": points, "label": labels, "source": source}, recorded, per_scan, {"hard": hard}, SHARD_LIKE)
+    reference_group(theirs, {"points": points, "label": labels, "source": source}, recorded, extra, SHARD_LIKE)
     mine, ref = files_of(ours), files_of(theirs)
-    assert "empty/c.0" not in mine and "points/c.1.0" in mine
+    assert "none/offsets/c.0" not in mine and "points/c.2.0" in mine and "points/c.3.0" not in mine
     assert sorted(mine) == sorted(ref)
-    groups = {"zarr.json", "hard/zarr.json"}
+    groups = {"zarr.json", "hard/zarr.json", "none/zarr.json"}
     for rel in ref:
         if rel in groups:
             assert json.loads(mine[rel]) == json.loads(ref[rel]), rel
@@ -79,4 +76,56 @@ def test_writer_gives_zarrs_files(tmp_path, in_pieces):
     assert sorted(recorded["chunk_files"]) == sorted(r for r in ref if not r.endswith("zarr.json"))
     reader = RaggedReader(ours)
     np.testing.assert_array_equal(reader.read(1)["points"], points[1])
-    np.testing.assert_array_equal(reader.read(2, rowset="hard")["feat"], hard["feat"][2])
+    np.testing.assert_array_equal(reader.read(2, rowset="hard")["feat"], extra["hard"]["feat"][2])
+    assert reader.read(1, rowset="none")["feat"].shape == (0, 3)
+
+
+def _scans(n_scans, rows=200_000):
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=(rows, 4)).astype(np.float32) for _ in range(n_scans)]
+
+
+def test_an_error_while_appending_publishes_nothing(tmp_path):
+    path = tmp_path / "g.zarr"
+    with pytest.raises(KeyError):
+        with ragged.RaggedWriter(path) as writer:
+            for scan in _scans(4):
+                writer.append({"points": scan})
+            raise KeyError("the caller failed")
+    assert list(tmp_path.iterdir()) == []  # no group, no temporary
+
+
+def test_a_failed_chunk_write_is_raised_by_finish_and_publishes_nothing(tmp_path, monkeypatch):
+    """The writer thread fails on the second chunk; the caller, which keeps appending (and so
+    needs the failed chunk's buffer back), gets the error from finish, and nothing is published."""
+    calls = []
+
+    def failing(codec, block):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return codec.encode(block.reshape(-1).view(np.uint8))
+
+    monkeypatch.setattr(ragged, "_compress", failing)
+    path = tmp_path / "g.zarr"
+    with pytest.raises(OSError, match="disk full"):
+        with ragged.RaggedWriter(path) as writer:
+            for scan in _scans(8):  # 1.6M rows: 7 chunks through 2 buffers
+                writer.append({"points": scan})
+            writer.finish({})
+    assert len(calls) >= 3 and list(tmp_path.iterdir()) == []
+
+
+def test_scans_must_keep_their_fields_and_dtypes(tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        with ragged.RaggedWriter(tmp_path / "a.zarr") as writer:
+            writer.append({"x": np.zeros(3, np.float32)})
+            writer.append({"x": np.zeros(3, np.float64)})
+    with pytest.raises(ValueError, match="fields"):
+        with ragged.RaggedWriter(tmp_path / "b.zarr") as writer:
+            writer.append({"x": np.zeros(3, np.float32)})
+            writer.append({"y": np.zeros(3, np.float32)})
+    with pytest.raises(RuntimeError, match="without finish"):
+        with ragged.RaggedWriter(tmp_path / "c.zarr") as writer:
+            writer.append({"x": np.zeros(3, np.float32)})
+    assert list(tmp_path.iterdir()) == []
