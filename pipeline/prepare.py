@@ -25,6 +25,7 @@ from m2skd.atomic import read_json, write_json_atomic
 from m2skd.errors import DataError, StaleInputError
 from m2skd.fingerprint import fingerprint_json
 from m2skd.fusion import Frame, FusionConfig, fuse, instance_keys, instance_occupancy
+from m2skd.malloc import retain_freed_memory
 from m2skd.manifest import read_manifest, write_manifest
 from m2skd.ragged import RaggedReader, dir_bytes, file_stamp, group_is_current, list_groups, RaggedWriter
 from m2skd.rundir import RunDir, spec_for_run
@@ -100,6 +101,7 @@ def ensure_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict
 
 def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
     """Fuse and write the frames at positions [start, stop) of one sequence; returns the shard's summary."""
+    retain_freed_memory()  # in whichever process runs the shard
     seq = sk.Sequence(task.data_root, task.sequence)
     poses = seq.poses(n_scans=task.n_scans)
     labelled = seq.has_labels
