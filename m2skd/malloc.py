@@ -5,7 +5,7 @@ freed) with a fresh mapping, returns it on free, and trims its heaps when their 
 Prepare allocates and frees tens of MB a scan in two threads (scan bytes, lookup results, chunk
 buffers, compressed chunks): each fresh page is a fault and zeroing, and each return a TLB flush
 on both cores. Serving blocks up to 64 MB from the heap and trimming only beyond 256 MB free
-saved 1.7 ms of CPU a scan, a third of prepare's (docs/results.md). A no-op off glibc."""
+saved 1.7 ms of CPU a scan, a quarter of prepare's (docs/results.md). A no-op off glibc."""
 from __future__ import annotations
 
 import ctypes
