@@ -22,7 +22,7 @@ from m2skd.inference import predict
 from m2skd.manifest import read_manifest
 from m2skd.metrics import confusion_matrix, summarize
 from m2skd.models import FEATURE_NAMES
-from m2skd.ragged import RaggedReader, dir_bytes, group_is_current, write_ragged
+from m2skd.ragged import RaggedReader, RaggedWriter, dir_bytes, group_is_current
 from m2skd.rundir import RunDir, spec_for_run
 from m2skd.teacher_cache import (CACHE_FORMAT, CODES_CLEVEL, DEFAULT_FEATURE_ENCODING, DEFAULT_LOGIT_ENCODING, decode_features,
                                  decode_logits, encode_features, encode_logits, kl_per_point)
@@ -76,38 +76,35 @@ def _cache_shard(shard_rel: str, run: RunDir, teacher_path: str, cfg: CacheConfi
     voxel = ckpt["config"]["voxel_size"]
     temperature = attrs["temperature"]
     reader = RaggedReader(run.prepare / shard_rel)
-    logit_fields: dict[str, list] = {}
-    feat_fields: dict[str, list] = {}
     kl_sum, kl_max, feat_err, n_points = 0.0, 0.0, [], 0
     conf = np.zeros((spec.num_classes, spec.num_classes), np.int64)
-    for i in range(len(reader)):
-        data = reader.read(i, names=["points", "label"])
-        n = int(reader.attrs["rows"][i]["n_single"])
-        logits, feats = teacher_outputs(model, data["points"], voxel, cfg.feature_layer, device)
-        logits, feats, raw = logits[:n], feats[:n], data["label"][:n]
-        hard = spec.hard_instance_points(raw)
-        conf += confusion_matrix(predict(logits), spec.learning_lut[raw & 0xFFFF], spec.num_classes)
-        try:
-            enc = encode_logits(logits, cfg.logit_encoding, temperature)
-            fenc = encode_features(feats[hard], cfg.feature_encoding)
-        except ValueError as exc:
-            scan = reader.attrs["rows"][i]
-            raise DataError(teacher_path, f"scan {scan['sequence']}/{scan['frame_name']}: {exc} (a diverged teacher?)") from None
-        fenc["point_index"] = np.flatnonzero(hard).astype(np.int32)
-        for fields, values in ((logit_fields, enc), (feat_fields, fenc)):
-            for key, value in values.items():
-                fields.setdefault(key, []).append(value)
-        if n:
-            kl = kl_per_point(logits, decode_logits(enc, spec.num_classes, cfg.logit_encoding, temperature), temperature)
-            kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
-        if hard.any():
-            exact = feats[hard]
-            feat_err.append(float(((decode_features(fenc) - exact) ** 2).sum() / max((exact ** 2).sum(), 1e-12)))
-        n_points += n
-    stats = {"feature_channels": int(feats.shape[1]), "kl_sum": kl_sum, "kl_max": kl_max, "points": n_points,
-             "feature_rel_mse": float(np.mean(feat_err)) if feat_err else 0.0, "target_confusion": conf.tolist()}
-    nbytes = write_ragged(run.teacher_cache / shard_rel, logit_fields, {**attrs, **stats}, extra_rows={"hard": feat_fields},
-                          compression=CACHE_COMPRESSION)
+    # scan by scan: a scan's targets are compressed and written while the teacher runs on the next
+    with RaggedWriter(run.teacher_cache / shard_rel, CACHE_COMPRESSION) as writer:
+        for i in range(len(reader)):
+            data = reader.read(i, names=["points", "label"])
+            n = int(reader.attrs["rows"][i]["n_single"])
+            logits, feats = teacher_outputs(model, data["points"], voxel, cfg.feature_layer, device)
+            logits, feats, raw = logits[:n], feats[:n], data["label"][:n]
+            hard = spec.hard_instance_points(raw)
+            conf += confusion_matrix(predict(logits), spec.learning_lut[raw & 0xFFFF], spec.num_classes)
+            try:
+                enc = encode_logits(logits, cfg.logit_encoding, temperature)
+                fenc = encode_features(feats[hard], cfg.feature_encoding)
+            except ValueError as exc:
+                scan = reader.attrs["rows"][i]
+                raise DataError(teacher_path, f"scan {scan['sequence']}/{scan['frame_name']}: {exc} (a diverged teacher?)") from None
+            fenc["point_index"] = np.flatnonzero(hard).astype(np.int32)
+            writer.append(enc, {"hard": fenc})
+            if n:
+                kl = kl_per_point(logits, decode_logits(enc, spec.num_classes, cfg.logit_encoding, temperature), temperature)
+                kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
+            if hard.any():
+                exact = feats[hard]
+                feat_err.append(float(((decode_features(fenc) - exact) ** 2).sum() / max((exact ** 2).sum(), 1e-12)))
+            n_points += n
+        stats = {"feature_channels": int(feats.shape[1]), "kl_sum": kl_sum, "kl_max": kl_max, "points": n_points,
+                 "feature_rel_mse": float(np.mean(feat_err)) if feat_err else 0.0, "target_confusion": conf.tolist()}
+        nbytes = writer.finish({**attrs, **stats})
     return {"shard": shard_rel, "scans": len(reader), "points": n_points, "bytes": nbytes, **stats}
 
 
