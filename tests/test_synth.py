@@ -429,3 +429,22 @@ def test_ray_blocks_change_no_scan(monkeypatch):
         monkeypatch.setattr(lidar, "cast_objects", fast_cast)
         for a, b in ((fast.points, full.points), (fast.raw, full.raw), (fast.instance, full.instance)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_cli_hard_class_floor_reaches_the_scene(tmp_path):
+    """`m2skd synth --min-hard-per-100m` writes what generate_dataset writes with that floor,
+    which differs from the real shares' drive (the option is not dropped on the way)."""
+    from click.testing import CliRunner
+
+    from m2skd import cli
+
+    args = ["--sequences", "08", "--frames", "2", "--seed", "3", "--beams", "8", "--azimuth-steps", "64"]
+    result = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "cli"), *args, "--min-hard-per-100m", "40"])
+    assert result.exit_code == 0, result.output
+    small = dict(beams=8, azimuth_steps=64)
+    generate_dataset(tmp_path / "floor", sequences=("08",), frames=2, seed=3,
+                     config=SynthConfig(**small, min_hard_per_100m=40.0))
+    generate_dataset(tmp_path / "real", sequences=("08",), frames=2, seed=3, config=SynthConfig(**small))
+    written = _all_files(tmp_path / "cli")
+    assert written == _all_files(tmp_path / "floor")
+    assert written != _all_files(tmp_path / "real")
