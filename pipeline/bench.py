@@ -123,9 +123,12 @@ def io_only_rate(data: Path, sequences, out_bytes: int, scratch: Path, repeats: 
     return n_scans / statistics.median(seconds)
 
 
-def prepare_on_disk(data: Path, run: Path, cfg, jobs: int, sequences, repeats: int = 3) -> tuple[float, float, dict]:
+def prepare_on_disk(data: Path, run: Path, cfg, jobs: int, sequences, repeats: int = 5) -> tuple[float, float, dict]:
     """(scans/s, CPU s per scan, summary) of prepare into a new `run`, medians of `repeats`, each
-    timed from an os.sync() to its output on disk (os.sync() after), as io_only_rate is."""
+    timed from an os.sync() to its output on disk (os.sync() after), as io_only_rate is. Five, as
+    the probe's: on the 2-core VM of docs/results.md some runs (the first of a process nearly
+    always) spend 4-7x the CPU in the write() calls of the same bytes (0.7 -> 3-5 ms a scan),
+    and a median of 3 was often decided by them."""
     seconds, cpu = [], []
     for _ in range(repeats):
         shutil.rmtree(run, ignore_errors=True)
