@@ -180,6 +180,22 @@ def test_val_every_zero_skips_validation(teacher_run):
     assert [h["step"] for h in with_val["history"]] == [2]
 
 
+def test_validation_during_training_leaves_the_trained_weights_unchanged(teacher_run):
+    """Runs that validate at other intervals (the demo every 300 steps, the study never) train
+    the same model: validation must neither draw from the training's random streams nor move
+    batch-norm statistics."""
+    run, _, _ = teacher_run
+    models = {}
+    for val_every in (0, 1):
+        cfg = dataclasses.replace(TINY, steps=3, val_every=val_every)
+        result = train(run, "student", cfg.no_distill(), name=f"val{val_every}", overwrite=True)
+        assert len(result["history"]) == (3 if val_every else 0)
+        models[val_every] = torch.load(result["checkpoint"], weights_only=False)["model"]
+    assert models[0].keys() == models[1].keys()
+    assert any(k.endswith("running_mean") for k in models[0])
+    assert [k for k in models[0] if not torch.equal(models[0][k], models[1][k])] == []
+
+
 def test_cache_refuses_mismatched_teacher(teacher_run, tmp_path):
     run, result, _ = teacher_run
     ckpt = torch.load(result["checkpoint"], weights_only=False)
