@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import mmap
 import os
 import queue
 import sys
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -82,10 +85,10 @@ def write_ragged(path, fields: dict[str, list], attrs: dict, extra_rows: dict[st
 class RaggedWriter:
     """A group written scan by scan (`append`), then `finish`ed with its attributes and published.
 
-    Each field's rows are packed into whole chunks as scans arrive; a full chunk is compressed,
-    hashed and written to its file by one background thread while the caller makes the next
-    scans (prepare reads and fuses while the previous chunks are compressed), and at most two
-    chunk buffers per field are alive, reused. The files are those zarr's create_array and
+    Each field's rows are packed into whole chunks as scans arrive; a full chunk is compressed
+    and hashed by one background thread and written to its file by another (_Files) while the
+    caller makes the next scans (prepare reads and fuses while the previous chunks are compressed
+    and written), and at most two chunk buffers per field are alive, reused. The files are those zarr's create_array and
     `arr[...] = values` write for the whole field, byte for byte (tests/test_ragged.py); zarr's own
     chunk pipeline cost about twice the compressor's time per chunk (a fill-value buffer, copies,
     a thread hop per codec) and a dozen awaited store operations per array.
@@ -117,6 +120,7 @@ class RaggedWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._pool.shutdown(wait=True, cancel_futures=not self._finished)
+        self._files.close(cancel=not self._finished)  # after the writer thread, which may wait for it
         if exc is None and not self._finished:
             exc = RuntimeError(f"{self.path}: writer closed without finish(); nothing published")
             self._stack.__exit__(RuntimeError, exc, None)
@@ -158,10 +162,13 @@ class RaggedWriter:
             offsets = np.zeros(len(rowset.counts) + 1, np.int64)
             np.cumsum(rowset.counts, out=offsets[1:])
             written.update(_store_whole(files, f"{prefix}/offsets" if prefix else "offsets", offsets))
+        files.flush()  # every chunk file on disk (the IO thread's error, if any, raised here)
         root_attrs = {**attrs, "schema_version": SCHEMA_VERSION, "fields": list(self._rowsets[""].fields),
                       "extra_rows": {prefix: list(r.fields) for prefix, r in self._rowsets.items() if prefix},
                       "chunk_files": files.stamp_chunks(written), "complete": True}
         files.put("zarr.json", _group_json(root_attrs))
+        files.flush()
+        files.release()
         self._finished = True
         remote = isinstance(self.path, storage.ObjectPath)
         self.nbytes = _publish_group(files.root, root_attrs, self.path) if remote else files.nbytes
@@ -317,27 +324,124 @@ def _store_whole(files: "_Files", key: str, values: np.ndarray) -> dict[str, lis
 #: is then on disk about when it is published, and a prepare's flush at the end took 0.8 -> 0.03 ms
 #: a scan on the bench (docs/results.md)
 _START_WRITEBACK = sys.platform.startswith("linux") and hasattr(os, "posix_fadvise")
+#: chunk files of at least this many bytes go to the disk with O_DIRECT (Linux), not through the page
+#: cache: a shard is written once and not read back by the stage that writes it, so caching it only
+#: evicts the inputs, and the kernel's copy into fresh page-cache pages was most of the writer
+#: thread's time in the slow prepare runs of docs/results.md. File systems without O_DIRECT
+#: (tmpfs, some FUSE mounts) get the buffered write.
+DIRECT_MIN_BYTES = 1 << 20
+_DIRECT = sys.platform.startswith("linux") and hasattr(os, "O_DIRECT")
+_DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, length and offset aligned to the device's logical block
+#: page-aligned staging buffers (anonymous mmaps) of finished writers, for the next writer's direct writes
+_ALIGNED_SPARE: list = []
+_ALIGNED_LOCK = threading.Lock()
 
 
 class _Files:
-    """Plain files under a new directory; the directories made once. Knowing every file it wrote,
-    it stamps the chunks and counts the bytes without listing the directory again. Used by one
-    thread at a time (the writer thread while chunks stream, the caller's once they are done)."""
+    """Plain files under a new directory, written in order by a thread of their own (`put` queues
+    a file, `flush` waits for all): the disk's time overlaps compression and the caller's work,
+    and at most PENDING blobs wait, so memory stays bounded. The directories made once. Knowing
+    every file it wrote, it stamps the chunks and counts the bytes without listing the directory
+    again. `put` is called by one thread at a time (the writer thread while chunks stream, the
+    caller's once they are done)."""
+
+    PENDING = 3
 
     def __init__(self, root: Path):
         self.root, self.dirs, self.nbytes = root, set(), 0
+        self.direct = _DIRECT  # cleared for good once the file system refuses O_DIRECT
+        self.direct_files = 0
+        self._aligned = None
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="ragged-io")
+        self._slots = threading.BoundedSemaphore(self.PENDING)
+        self._queued: list = []
+        self._failed = False
 
     def put(self, key: str, blob: bytes) -> None:
+        """Queue `blob` as the file `key` (waits while PENDING files are queued)."""
+        self._slots.acquire()
+        try:
+            self._queued.append(self._io.submit(self._write, key, blob))
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def flush(self) -> None:
+        """Wait for every queued file; the first failure is raised here."""
+        queued, self._queued = self._queued, []
+        for future in queued:
+            future.result()
+
+    def close(self, cancel: bool) -> None:
+        self._io.shutdown(wait=True, cancel_futures=cancel)
+
+    def _write(self, key: str, blob: bytes) -> None:
+        try:
+            if not self._failed:  # after a failure the group is abandoned: nothing more to write
+                self._write_file(key, blob)
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            self._slots.release()
+
+    def _write_file(self, key: str, blob: bytes) -> None:
         path = os.path.join(self.root, key)
         parent = os.path.dirname(path)
         if parent not in self.dirs:
             os.makedirs(parent, exist_ok=True)
             self.dirs.add(parent)
-        with open(path, "wb") as f:
-            f.write(blob)
-            if _START_WRITEBACK:  # Linux: starts writing the file's dirty pages now, keeps them cached
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if not (self.direct and len(blob) >= DIRECT_MIN_BYTES and self._put_direct(path, blob)):
+            with open(path, "wb") as f:
+                f.write(blob)
+                if _START_WRITEBACK:  # Linux: starts writing the file's dirty pages now, keeps them cached
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         self.nbytes += len(blob)
+
+    def _put_direct(self, path: str, blob: bytes) -> bool:
+        """`blob` written to `path` with O_DIRECT from an aligned copy, padded to whole blocks and
+        truncated back to its length; False (nothing written) where the file system refuses it."""
+        n = len(blob)
+        padded = -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        if self._aligned is None or len(self._aligned) < padded:
+            with _ALIGNED_LOCK:
+                spare = next((m for m in _ALIGNED_SPARE if len(m) >= padded), None)
+                if spare is not None:
+                    _ALIGNED_SPARE.remove(spare)
+            # a 4-float32-column chunk and blosc's overhead fit the first buffer
+            self._aligned = spare if spare is not None else mmap.mmap(-1, max(padded, ROWS_PER_CHUNK * 16 + _DIRECT_ALIGN))
+        view = memoryview(self._aligned)[:padded]
+        view[:n] = blob
+        view[n:] = bytes(padded - n)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            self.direct = False
+            return False
+        try:
+            done = 0
+            while done < padded:
+                try:
+                    done += os.write(fd, view[done:])
+                except OSError as error:
+                    if error.errno != errno.EINVAL or done:
+                        raise
+                    self.direct = False  # opened, but its blocks are not this alignment: buffered
+                    return False
+            os.ftruncate(fd, n)
+        finally:
+            os.close(fd)
+        self.direct_files += 1
+        return True
+
+    def release(self) -> None:
+        """The staging buffer kept for the process's next writer (fresh memory costs a fault a page)."""
+        with _ALIGNED_LOCK:
+            if self._aligned is not None and len(_ALIGNED_SPARE) < 2:
+                _ALIGNED_SPARE.append(self._aligned)
+        self._aligned = None
 
     def stamp_chunks(self, written: dict[str, list]) -> dict[str, list]:
         """The chunk list of the root's attributes, each chunk file stamped CHUNK_MTIME."""

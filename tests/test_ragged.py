@@ -1,6 +1,9 @@
 """The ragged group writer against zarr's own: the same files, byte for byte (a group's metadata
 document: the same JSON, written compactly)."""
+import errno
 import json
+import os
+import types
 
 import numpy as np
 import pytest
@@ -40,10 +43,41 @@ def files_of(path):
     return {f.relative_to(path).as_posix(): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
-@pytest.mark.parametrize("in_pieces", [False, True])
-def test_writer_gives_zarrs_files(tmp_path, in_pieces):
+def direct_writes_supported(directory) -> bool:
+    probe = os.path.join(directory, "o_direct_probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o666))
+    except (OSError, AttributeError):
+        return False
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    return True
+
+
+def count_direct_files(monkeypatch) -> list:
+    done = []
+    put_direct = ragged._Files._put_direct
+
+    def counted(self, path, blob):
+        written = put_direct(self, path, blob)
+        done.extend([path] if written else [])
+        return written
+
+    monkeypatch.setattr(ragged._Files, "_put_direct", counted)
+    return done
+
+
+@pytest.mark.parametrize("in_pieces,direct", [(False, False), (True, False), (False, True)])
+def test_writer_gives_zarrs_files(tmp_path, monkeypatch, in_pieces, direct):
     """...whether each scan's rows come as one array or as pieces (prepare: the single scan,
-    then what fusion adds), one piece empty."""
+    then what fusion adds), one piece empty; whether the files go through the page cache or
+    straight to the disk (O_DIRECT: every file, metadata too, padded to whole blocks and truncated)."""
+    if direct and not direct_writes_supported(tmp_path):
+        pytest.skip(f"{tmp_path}: the file system refuses O_DIRECT")
+    monkeypatch.setattr(ragged, "_DIRECT", direct)
+    monkeypatch.setattr(ragged, "DIRECT_MIN_BYTES", 1)
+    direct_files = count_direct_files(monkeypatch)
     rng = np.random.default_rng(3)
     # three scans over three chunks of rows, the second spanning all three (the last one padded),
     # smooth values that compress; a row set whose scans are all empty (offsets all zero: a chunk
@@ -74,6 +108,7 @@ def test_writer_gives_zarrs_files(tmp_path, in_pieces):
             assert mine[rel] == ref[rel], rel
     # the recorded chunk list is every chunk file, with its size and CRC-32
     assert sorted(recorded["chunk_files"]) == sorted(r for r in ref if not r.endswith("zarr.json"))
+    assert len(direct_files) == (len(mine) if direct else 0)
     reader = RaggedReader(ours)
     np.testing.assert_array_equal(reader.read(1)["points"], points[1])
     np.testing.assert_array_equal(reader.read(2, rowset="hard")["feat"], extra["hard"]["feat"][2])
@@ -114,6 +149,61 @@ def test_a_failed_chunk_write_is_raised_by_finish_and_publishes_nothing(tmp_path
                 writer.append({"points": scan})
             writer.finish({})
     assert len(calls) >= 3 and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_file_write_is_raised_by_finish_and_publishes_nothing(tmp_path, monkeypatch):
+    """The thread that writes the files fails on the third (the disk full); the writer thread,
+    which waits for it whenever three files are queued, is not left waiting, finish raises the
+    error, and nothing is published."""
+    written = []
+    write_file = ragged._Files._write_file
+
+    def failing(self, key, blob):
+        written.append(key)
+        if len(written) == 3:
+            raise OSError("disk full")
+        write_file(self, key, blob)
+
+    monkeypatch.setattr(ragged._Files, "_write_file", failing)
+    path = tmp_path / "g.zarr"
+    with pytest.raises(OSError, match="disk full"):
+        with ragged.RaggedWriter(path) as writer:
+            for scan in _scans(8):  # 7 chunks, so the writer thread waits for the file thread
+                writer.append({"points": scan})
+            writer.finish({})
+    assert len(written) == 3 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_a_file_system_without_o_direct_gets_buffered_writes(tmp_path, monkeypatch, refused_at):
+    """Where O_DIRECT is refused (EINVAL on opening, as tmpfs does, or on the first write), the
+    file is written through the page cache instead, and the writer stops trying: the same bytes."""
+    tries = []
+
+    def refusing(name):
+        real = getattr(os, name)
+
+        def call(*args):
+            if name == "open" and args[1] & os.O_DIRECT:
+                tries.append(args[0])
+                if refused_at == "open":
+                    raise OSError(errno.EINVAL, "Invalid argument")
+            if name == "write" and refused_at == "write":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(*args)
+        return call
+
+    fake_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+    fake_os.open, fake_os.write = refusing("open"), refusing("write")
+    monkeypatch.setattr(ragged, "os", fake_os)
+    monkeypatch.setattr(ragged, "_DIRECT", True)
+    monkeypatch.setattr(ragged, "DIRECT_MIN_BYTES", 1)
+    scans = _scans(3)
+    write_ragged(tmp_path / "refused.zarr", {"points": scans}, {})
+    assert len(tries) == 1  # refused once, then buffered for every later file
+    monkeypatch.setattr(ragged, "_DIRECT", False)
+    write_ragged(tmp_path / "buffered.zarr", {"points": scans}, {})
+    assert files_of(tmp_path / "refused.zarr") == files_of(tmp_path / "buffered.zarr")
 
 
 def test_scans_must_keep_their_fields_and_dtypes(tmp_path):
