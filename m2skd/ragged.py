@@ -88,8 +88,9 @@ class RaggedWriter:
     Each field's rows are packed into whole chunks as scans arrive; a full chunk is compressed
     and hashed by one background thread and written to its file by another (_Files) while the
     caller makes the next scans (prepare reads and fuses while the previous chunks are compressed
-    and written), and at most two chunk buffers per field are alive, reused. The files are those zarr's create_array and
-    `arr[...] = values` write for the whole field, byte for byte (tests/test_ragged.py); zarr's own
+    and written), and at most two chunk buffers per field are alive, reused. The files are those
+    zarr's create_array and `arr[...] = values` write for the whole field, byte for byte
+    (tests/test_ragged.py, through the page cache and with O_DIRECT); zarr's own
     chunk pipeline cost about twice the compressor's time per chunk (a fill-value buffer, copies,
     a thread hop per codec) and a dozen awaited store operations per array.
 
@@ -408,8 +409,9 @@ class _Files:
                 spare = next((m for m in _ALIGNED_SPARE if len(m) >= padded), None)
                 if spare is not None:
                     _ALIGNED_SPARE.remove(spare)
-            # a 4-float32-column chunk and blosc's overhead fit the first buffer
-            self._aligned = spare if spare is not None else mmap.mmap(-1, max(padded, ROWS_PER_CHUNK * 16 + _DIRECT_ALIGN))
+            if spare is None:  # a chunk of 4 float32 columns and blosc's overhead fit the first one
+                spare = mmap.mmap(-1, max(padded, ROWS_PER_CHUNK * 16 + _DIRECT_ALIGN))
+            self._aligned = spare
         view = memoryview(self._aligned)[:padded]
         view[:n] = blob
         view[n:] = bytes(padded - n)
