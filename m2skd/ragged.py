@@ -351,7 +351,6 @@ class _Files:
     def __init__(self, root: Path):
         self.root, self.dirs, self.nbytes = root, set(), 0
         self.direct = _DIRECT  # cleared for good once the file system refuses O_DIRECT
-        self.direct_files = 0
         self._aligned = None
         self._io = ThreadPoolExecutor(1, thread_name_prefix="ragged-io")
         self._slots = threading.BoundedSemaphore(self.PENDING)
@@ -435,7 +434,6 @@ class _Files:
             os.ftruncate(fd, n)
         finally:
             os.close(fd)
-        self.direct_files += 1
         return True
 
     def release(self) -> None:
