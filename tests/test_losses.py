@@ -7,6 +7,7 @@ import torch
 
 from m2skd.losses import (
     KD_FORM_WEIGHTS,
+    descending_order,
     FeatureAdapter,
     affinity_distillation,
     distillation_loss,
@@ -79,6 +80,31 @@ def test_lovasz_matches_brute_force_on_five_points():
     expected = _brute_lovasz(probs, labels)
     got = lovasz_softmax(torch.tensor(probs), torch.tensor(labels)).item()
     assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_lovasz_float32_with_ties_matches_brute_force():
+    """The float32 path (one sort of integer keys) on probabilities with many ties and exact 0/1."""
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.ones(5), size=40).astype(np.float32)
+    probs[10:20] = probs[0]  # repeated rows: tied errors in every class
+    probs[30:33] = np.eye(5, dtype=np.float32)[[1, 2, 4]]  # errors of exactly 0 and 1
+    labels = rng.integers(0, 5, size=40)
+    expected = _brute_lovasz(probs.astype(np.float64), labels)
+    got = lovasz_softmax(torch.tensor(probs), torch.tensor(labels)).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_descending_order_is_a_stable_sort_of_each_row():
+    """Against numpy's stable argsort of the negated rows: rows must not mix (values from 0 to inf
+    in every row) and ties keep column order."""
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.integers(0, 4, size=(6, 50)) / 4.0,  # many ties, exact zeros
+                             rng.uniform(0, 1e30, size=(6, 20)), np.full((6, 1), np.inf)], axis=1)
+    rng.permuted(values, axis=1, out=values)
+    for dtype in (np.float32, np.float64):
+        expected = np.argsort(-values.astype(dtype), axis=1, kind="stable")
+        got = descending_order(torch.tensor(values.astype(dtype))).numpy()
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_lovasz_no_valid_points_keeps_graph():
