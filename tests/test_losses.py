@@ -107,6 +107,26 @@ def test_descending_order_is_a_stable_sort_of_each_row():
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_lovasz_on_cuda_matches_cpu():
+    """The same order (one radix sort of the keys there) and so the same loss and gradient."""
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(5000, 20, generator=g) * 6).round()  # saturated, repeated rows: many ties
+    labels = torch.randint(0, 20, (5000,), generator=g)
+    grads, values = [], []
+    for device in ("cpu", "cuda"):
+        x = logits.to(device).requires_grad_(True)
+        loss = lovasz_softmax(torch.softmax(x, 1), labels.to(device))
+        loss.backward()
+        grads.append(x.grad.cpu())
+        values.append(loss.item())
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    errors = torch.rand(7, 3000, generator=g).mul(8).floor().div(8)
+    assert torch.equal(descending_order(errors.cuda()).cpu(), descending_order(errors))
+
+
 def test_lovasz_no_valid_points_keeps_graph():
     probs = torch.rand(3, 4, requires_grad=True)
     loss = lovasz_softmax(probs, torch.zeros(3, dtype=torch.long))
