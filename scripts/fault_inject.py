@@ -6,6 +6,13 @@ it again and again, each time SIGKILLing it after a random delay (seeded), check
 kill that nothing published is corrupt; then let it finish (re-run / --resume) and compare its
 outputs with the reference bit for bit; no temporary may be left behind.
 
+Delays count from the moment the run's directory first changes (the stage has started work,
+past its imports) and are drawn within the work the reference did after that moment, less what
+the earlier kills of the stage already saw done: so the kills land in the work, from start to
+end, on a loaded machine as on an idle one (a delay from the process's start, drawn from the
+reference's whole duration, missed on a loaded machine, and after one miss the stage is finished
+and every later kill misses too).
+
     python scripts/fault_inject.py --kills 20 --work /tmp/fi     # 20 kills per stage
     python scripts/fault_inject.py --kills 5 --work /tmp/fi --run-url s3://bucket/fi --stages prepare,cache-teacher
 With --run-url the killed stages write to that fsspec URL (an object store: no rename) and are
@@ -22,6 +29,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,16 +65,52 @@ def run_to_end(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def kill_after(cmd: list[str], env: dict, delay: float) -> bool:
-    """Start cmd, SIGKILL it after `delay` seconds; True if it was still running then."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        proc.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return True
+def _local_contents(root) -> set:
+    found = set()
+    for d, _, files in os.walk(root):
+        for f in files:
+            try:
+                st = os.stat(os.path.join(d, f), follow_symlinks=False)
+            except FileNotFoundError:  # renamed or removed while listed
+                continue
+            found.add((os.path.join(d, f), st.st_size, st.st_mtime_ns))
+    return found
+
+
+def contents(run, staging: Path) -> frozenset:
+    """(name, size, stamp) of everything under the run directory, and for an object store of
+    the local staging folder its writes pass through: changes when anything is written."""
+    from m2skd.storage import object_stamp, path as location
+
+    run = location(run)
+    if isinstance(run, Path):
+        return frozenset(_local_contents(run))
+    return frozenset({(k, v.get("size"), object_stamp(v)) for k, v in run.find().items()} | _local_contents(staging))
+
+
+def run_watched(cmd: list[str], env: dict, run, kill_after: float | None = None) -> tuple[float | None, float, bool]:
+    """Run cmd; return (seconds until the run's directory first changed (None if never), seconds
+    to the end, whether it was killed). With `kill_after`, SIGKILL it that many seconds after
+    that first change, if still running."""
+    staging = Path(env["M2SKD_STAGING"])
+    before = contents(run, staging)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        started = None
+        while proc.poll() is None:
+            now = time.perf_counter() - t0
+            if started is None and contents(run, staging) != before:
+                started = now
+            if started is not None and kill_after is not None and now >= started + kill_after:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return started, now, True
+            time.sleep(0.01 if started is None else 0.002)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read().decode(errors='replace')[-2000:]}")
+    return started, time.perf_counter() - t0, False
 
 
 def temporaries(run) -> list[str]:
@@ -158,8 +202,9 @@ def main(argv=None) -> int:
     if set(kill_stages) - set(STAGES):
         parser.error(f"--stages: choose from {','.join(STAGES)}")
     rng = random.Random(args.seed)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     work = args.work
+    # the killed runs' local staging (object stores) in a folder of their own, watched for their first writes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "M2SKD_STAGING": str(work.resolve() / "staging")}
     data, ref, run = work / "data", work / "ref", args.run_url or work / "run"
     config = work / "tiny.yaml"
     work.mkdir(parents=True, exist_ok=True)
@@ -171,19 +216,25 @@ def main(argv=None) -> int:
     failed = False
     ref_cmds, run_cmds = stage_commands(data, ref, config), stage_commands(data, run, config)
     for stage in list(ref_cmds)[: max(STAGES.index(s) for s in kill_stages) + 1]:  # none after the last killed one
-        seconds = run_to_end(ref_cmds[stage], env)
         if stage not in kill_stages:
+            run_to_end(ref_cmds[stage], env)
             run_to_end(run_cmds[stage], env)
             continue
-        landed, corrupt = 0, []
+        started, seconds, _ = run_watched(ref_cmds[stage], env, ref)
+        work = seconds - (started or 0.0)
+        left_to_do, landed, corrupt = work, 0, []
         for _ in range(args.kills):
-            landed += kill_after(run_cmds[stage], env, rng.uniform(0.2, seconds))
+            delay = rng.uniform(0.0, max(left_to_do, 0.05))
+            _, _, killed = run_watched(run_cmds[stage], env, run, kill_after=delay)
+            landed += killed
+            left_to_do -= delay if killed else left_to_do
             corrupt += corrupt_outputs(run)
         run_to_end(run_cmds[stage], env)
         diffs = compare(stage, ref, run)
         left = temporaries(run)
-        summary["stages"][stage] = {"reference_seconds": round(seconds, 2), "kills": args.kills, "killed_running": landed,
-                                    "corrupt_after_kill": corrupt, "mismatches": diffs, "temporaries_left": left}
+        summary["stages"][stage] = {"reference_seconds": round(seconds, 2), "reference_work_seconds": round(work, 2),
+                                    "kills": args.kills, "killed_running": landed, "corrupt_after_kill": corrupt,
+                                    "mismatches": diffs, "temporaries_left": left}
         failed |= bool(corrupt or diffs or left)
     summary["ok"] = not failed
     print(json.dumps(summary))
