@@ -23,6 +23,7 @@ __all__ = [
     "affinity_distillation",
     "KD_FORMS",
     "KD_FORM_WEIGHTS",
+    "descending_order",
     "distillation_loss",
     "feature_distillation",
     "kd_point_weights",
