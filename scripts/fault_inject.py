@@ -221,8 +221,8 @@ def main(argv=None) -> int:
             run_to_end(run_cmds[stage], env)
             continue
         started, seconds, _ = run_watched(ref_cmds[stage], env, ref)
-        work = seconds - (started or 0.0)
-        left_to_do, landed, corrupt = work, 0, []
+        work_seconds = seconds - (started or 0.0)
+        left_to_do, landed, corrupt = work_seconds, 0, []
         for _ in range(args.kills):
             delay = rng.uniform(0.0, max(left_to_do, 0.05))
             _, _, killed = run_watched(run_cmds[stage], env, run, kill_after=delay)
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         run_to_end(run_cmds[stage], env)
         diffs = compare(stage, ref, run)
         left = temporaries(run)
-        summary["stages"][stage] = {"reference_seconds": round(seconds, 2), "reference_work_seconds": round(work, 2),
+        summary["stages"][stage] = {"reference_seconds": round(seconds, 2), "reference_work_seconds": round(work_seconds, 2),
                                     "kills": args.kills, "killed_running": landed, "corrupt_after_kill": corrupt,
                                     "mismatches": diffs, "temporaries_left": left}
         failed |= bool(corrupt or diffs or left)
