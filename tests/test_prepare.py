@@ -237,3 +237,61 @@ def test_occupancy_gain_is_kept_for_the_shards_it_was_measured_on(prepared_run, 
     memo.write_text(json.dumps({**kept, "manifest": "other shards", "gain": {**first, "voxel_gain": -1.0}}))
     assert prepare.occupancy_gain(run, 0.3) == first  # measured again
     assert json.loads(memo.read_text())["manifest"] == kept["manifest"]
+
+
+def _chunk_bytes(run):
+    """Every chunk file of the run's shards, by its path under the shards folder."""
+    shards = RunDir(run).shards
+    return {p.relative_to(shards).as_posix(): p.read_bytes() for p in sorted(shards.rglob("c.*")) if p.is_file()}
+
+
+def test_next_shard_fuses_with_the_frames_the_last_one_loaded(small_dataset, tmp_path, monkeypatch):
+    """A shard's first scans fuse with the k previous frames as the previous shard of the process
+    loaded them, read once for the sequence, to the same bytes as shards that each read them."""
+    import m2skd.pipeline.prepare as pp
+
+    loads = []
+    load_frame = pp.load_frame
+    monkeypatch.setattr(pp, "load_frame", lambda seq, name, *a: loads.append(name) or load_frame(seq, name, *a))
+    cfg = PrepareConfig(FusionConfig(k=3), frames_per_shard=2)  # 4 shards of 2 frames
+    run_prepare(small_dataset, tmp_path / "carried", cfg, sequences=("08",))
+    assert sorted(loads) == sorted(sk.Sequence(small_dataset, "08").frames)  # each frame once
+    loads.clear()
+    monkeypatch.setattr(pp, "_carry_key", lambda *a: object())  # no shard takes another's frames
+    run_prepare(small_dataset, tmp_path / "loaded", cfg, sequences=("08",))
+    assert len(loads) == 2 + 4 + 5 + 5  # each shard's 2 frames and the up to 3 before them
+    carried, loaded = _chunk_bytes(tmp_path / "carried"), _chunk_bytes(tmp_path / "loaded")
+    assert len(carried) > 4 and carried == loaded
+
+
+def test_a_frame_edited_after_its_shard_is_loaded_again_by_the_next(small_dataset, tmp_path):
+    """The frames a shard takes from the previous one are checked against their files' stamps: a
+    previous frame whose labels changed in between is read again, not fused as it was."""
+    import dataclasses
+    import os
+    import shutil
+
+    import m2skd.pipeline.prepare as pp
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    cfg = PrepareConfig(FusionConfig(k=3), frames_per_shard=4)
+    first, second = pp.plan(str(data), RunDir(tmp_path / "run"), cfg, SPEC, sequences=("08",))
+
+    def shard_bytes(task, name):
+        path = tmp_path / name
+        pp.prepare_shard(dataclasses.replace(task, path=str(path)), cfg, SPEC)
+        return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("c.*"))}
+
+    pp.forget_carried_frames()
+    before = shard_bytes(second, "before")  # the frames as they were, each read
+    pp.prepare_shard(first, cfg, SPEC)  # leaves its frames for the next shard
+    label = sk.Sequence(data, "08").label_path(first.frames[-1])
+    raw = np.fromfile(label, np.uint32)
+    raw[:] = 40  # every point "road": no hard instance left to fuse from this frame
+    raw.tofile(label)
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
+    after = shard_bytes(second, "after")  # the next shard of this process
+    pp.forget_carried_frames()
+    assert after == shard_bytes(second, "read")  # the same as from a process that reads the edited file
+    assert after != before  # the edit reaches the next shard: fused as it was, the test could not tell
