@@ -76,11 +76,11 @@ class ShardTask:
     n_scans: int = 0
 
 
-#: (sequence key, {frame number: (frame name, input stamps, Frame)}): the last k frames the previous shard of
-#: this process loaded. The next shard of the same sequence fuses its first scans with them: loaded
-#: again, they were a third of the loads of a shard of 8 frames at k = 4. Taken only where the
-#: frame's files, pose and the learning map are what the shard itself sees. One tuple, replaced
-#: whole, so threads running shards side by side never read half of another's.
+#: (sequence key, {frame number: (frame name, input stamps, Frame)}): the last k frames the
+#: previous shard of this process loaded. The next shard of the same sequence fuses its first scans
+#: with them: loaded again, they were a third of the loads of a shard of 8 frames at k = 4. Taken
+#: only where the frame's files, pose and the learning map are what the shard itself sees. One
+#: tuple, replaced whole, so threads running shards side by side never read half of another's.
 _carried: tuple = (None, {})
 
 
