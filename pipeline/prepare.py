@@ -132,11 +132,10 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
     row_start = 0
     todo = [(n, name) for n, name in task.window if n >= first - k]
     # stamps taken before reading: a file changed while it is read differs at the next run
-    inputs = [seq.path / "poses.txt", seq.path / "calib.txt"]
-    inputs += [p for _, name in todo for p in ([seq.scan_path(name)] + ([seq.label_path(name)] if labelled else []))]
+    frame_files = {name: [seq.scan_path(name)] + ([seq.label_path(name)] if labelled else []) for _, name in todo}
+    inputs = [seq.path / "poses.txt", seq.path / "calib.txt"] + [p for files in frame_files.values() for p in files]
     stamps = {str(p): file_stamp(p) for p in inputs}
-    frame_stamps = {name: [stamps[str(p)] for p in [seq.scan_path(name)] + ([seq.label_path(name)] if labelled else [])]
-                    for _, name in todo}
+    frame_stamps = {name: [stamps[str(p)] for p in files] for name, files in frame_files.items()}
     key = _carry_key(seq, labelled, spec)
     carried = _carried[1] if _carried[0] == key else {}
     with RaggedWriter(task.path, SHARD_COMPRESSION) as writer:  # scan by scan: earlier chunks are written while later scans fuse
