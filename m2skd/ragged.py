@@ -109,7 +109,7 @@ class RaggedWriter:
         self.nbytes: int | None = None
         self._rowsets: dict[str, _RowSet] = {}
         self._chunks: list = []  # futures of (chunk path, [size, crc32])
-        self._finished = False
+        self._finishing = None  # the writer thread's future of _complete, once finish is called
 
     def __enter__(self) -> "RaggedWriter":
         self._stack = contextlib.ExitStack()
@@ -120,9 +120,13 @@ class RaggedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self._pool.shutdown(wait=True, cancel_futures=not self._finished)
-        self._files.close(cancel=not self._finished)  # after the writer thread, which may wait for it
-        if exc is None and not self._finished:
+        if self._finishing is not None:  # _complete publishes the group or removes the temporary
+            # an error raised after finish(wait=False) leaves the group to complete first
+            self._pool.shutdown(wait=exc is not None)
+            return False
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._files.close(cancel=True)  # after the writer thread, which may wait for it
+        if exc is None:
             exc = RuntimeError(f"{self.path}: writer closed without finish(); nothing published")
             self._stack.__exit__(RuntimeError, exc, None)
             raise exc
@@ -140,9 +144,14 @@ class RaggedWriter:
     def _submit(self, field: "_Field", index: int, buffer: np.ndarray, filled: int) -> None:
         self._chunks.append(self._pool.submit(_write_chunk, self._files, field, index, buffer, filled))
 
-    def finish(self, attrs: dict) -> int:
+    def finish(self, attrs: dict, wait: bool = True):
         """Write the last chunks, the offsets and the metadata (the root's, listing every chunk
-        file with its size and CRC-32, last); returns the group's bytes."""
+        file with its size and CRC-32, last), then publish the group; returns its bytes.
+
+        With wait=False the writer thread does all that while the caller goes on (prepare fuses
+        the next shard's scans meanwhile): returns a Future of the bytes, whose result() raises
+        the writer's failure, if any (the group then not published). The writer's threads and
+        buffers live until it is done, so a caller bounds how many it leaves pending."""
         if "" not in self._rowsets:
             raise ValueError(f"{self.path}: no scans appended")
         scans = {prefix or "main": len(r.counts) for prefix, r in self._rowsets.items()}
@@ -150,30 +159,43 @@ class RaggedWriter:
             raise ValueError(f"{self.path}: row sets have different numbers of scans: {scans}")
         for rowset in self._rowsets.values():
             rowset.close(self._submit)
-        written = dict(future.result() for future in self._chunks)  # the writer thread's error, if any, raised here
-        for rowset in self._rowsets.values():
-            for field in rowset.fields.values():
-                field.release()
+        self._finishing = self._pool.submit(self._complete, attrs)  # after the last chunks: one thread, in order
+        return self._finishing.result() if wait else self._finishing
+
+    def _complete(self, attrs: dict) -> int:
+        """In the writer thread, once every chunk is compressed: finish's work, then the rename
+        (or upload); on any failure the temporary is removed and the error raised."""
         files = self._files
-        for prefix, rowset in self._rowsets.items():
-            if prefix:
-                files.put(f"{prefix}/zarr.json", _group_json({}))
-            for field in rowset.fields.values():
-                files.put(f"{field.key}/zarr.json", _metadata_json(field.metadata()))
-            offsets = np.zeros(len(rowset.counts) + 1, np.int64)
-            np.cumsum(rowset.counts, out=offsets[1:])
-            written.update(_store_whole(files, f"{prefix}/offsets" if prefix else "offsets", offsets))
-        files.flush()  # every chunk file on disk (the IO thread's error, if any, raised here)
-        root_attrs = {**attrs, "schema_version": SCHEMA_VERSION, "fields": list(self._rowsets[""].fields),
-                      "extra_rows": {prefix: list(r.fields) for prefix, r in self._rowsets.items() if prefix},
-                      "chunk_files": files.stamp_chunks(written), "complete": True}
-        files.put("zarr.json", _group_json(root_attrs))
-        files.flush()
-        files.release()
-        self._finished = True
-        remote = isinstance(self.path, storage.ObjectPath)
-        self.nbytes = _publish_group(files.root, root_attrs, self.path) if remote else files.nbytes
-        return self.nbytes
+        try:
+            written = dict(future.result() for future in self._chunks)  # a chunk's error, if any, raised here
+            for rowset in self._rowsets.values():
+                for field in rowset.fields.values():
+                    field.release()
+            for prefix, rowset in self._rowsets.items():
+                if prefix:
+                    files.put(f"{prefix}/zarr.json", _group_json({}))
+                for field in rowset.fields.values():
+                    files.put(f"{field.key}/zarr.json", _metadata_json(field.metadata()))
+                offsets = np.zeros(len(rowset.counts) + 1, np.int64)
+                np.cumsum(rowset.counts, out=offsets[1:])
+                written.update(_store_whole(files, f"{prefix}/offsets" if prefix else "offsets", offsets))
+            files.flush()  # every chunk file on disk (the IO thread's error, if any, raised here)
+            root_attrs = {**attrs, "schema_version": SCHEMA_VERSION, "fields": list(self._rowsets[""].fields),
+                          "extra_rows": {prefix: list(r.fields) for prefix, r in self._rowsets.items() if prefix},
+                          "chunk_files": files.stamp_chunks(written), "complete": True}
+            files.put("zarr.json", _group_json(root_attrs))
+            files.flush()
+            files.release()
+            files.close(cancel=False)
+            remote = isinstance(self.path, storage.ObjectPath)
+            nbytes = _publish_group(files.root, root_attrs, self.path) if remote else files.nbytes
+        except BaseException as exc:
+            files.close(cancel=True)
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)  # removes the temporary
+            raise
+        self._stack.__exit__(None, None, None)  # the rename: the group appears whole
+        self.nbytes = nbytes
+        return nbytes
 
 
 class _RowSet:
@@ -249,10 +271,11 @@ class _Field:
     def _take_buffer(self) -> np.ndarray:
         if self._allocated < self.BUFFERS:
             self._allocated += 1
-            try:
-                return _SPARE_BUFFERS.setdefault(self._kind(), []).pop()
-            except IndexError:
-                return np.empty((ROWS_PER_CHUNK,) + self.row_shape, self.dtype)
+            with _SPARE_LOCK:
+                spare = _SPARE_BUFFERS.get(self._kind())
+                if spare:
+                    return spare.pop()
+            return np.empty((ROWS_PER_CHUNK,) + self.row_shape, self.dtype)
         return self.free.get()  # waits for the writer thread: memory stays bounded
 
     def _kind(self) -> tuple:
@@ -260,11 +283,12 @@ class _Field:
 
     def release(self) -> None:
         """Once every chunk is written: the buffers are kept for the process's next writer."""
-        spare = _SPARE_BUFFERS.setdefault(self._kind(), [])
-        while not self.free.empty():
-            buffer = self.free.get()
-            if len(spare) < self.BUFFERS:
-                spare.append(buffer)
+        with _SPARE_LOCK:  # the next writer may be taking buffers in the caller's thread meanwhile
+            spare = _SPARE_BUFFERS.setdefault(self._kind(), [])
+            while not self.free.empty():
+                buffer = self.free.get()
+                if len(spare) < 2 * self.BUFFERS:  # two writers' worth: prepare's next shard starts before this one ends
+                    spare.append(buffer)
 
     def _hand_over(self, submit) -> None:
         submit(self, self._chunks, self._buffer, self._filled)
@@ -281,6 +305,7 @@ class _Field:
 #: chunk buffers of finished writers, by (dtype, row shape), for the next writer of this process:
 #: fresh memory costs a page fault per 4 kB each time it is first written
 _SPARE_BUFFERS: dict[tuple, list] = {}
+_SPARE_LOCK = threading.Lock()
 
 
 def _write_chunk(files: "_Files", field: _Field, index: int, buffer: np.ndarray, filled: int) -> tuple[str, list]:
@@ -343,8 +368,7 @@ class _Files:
     a file, `flush` waits for all): the disk's time overlaps compression and the caller's work,
     and at most PENDING blobs wait, so memory stays bounded. The directories made once. Knowing
     every file it wrote, it stamps the chunks and counts the bytes without listing the directory
-    again. `put` is called by one thread at a time (the writer thread while chunks stream, the
-    caller's once they are done)."""
+    again. `put` is called by the writer thread only (the chunks, then finish's metadata)."""
 
     PENDING = 3
 
@@ -412,8 +436,9 @@ class _Files:
                 spare = mmap.mmap(-1, max(padded, ROWS_PER_CHUNK * 16 + _DIRECT_ALIGN))
             self._aligned = spare
         view = memoryview(self._aligned)[:padded]
-        view[:n] = blob
-        view[n:] = bytes(padded - n)
+        staged = np.frombuffer(view, np.uint8)
+        staged[:n] = np.frombuffer(blob, np.uint8)  # numpy copies without the GIL, which the caller's thread wants
+        staged[n:] = 0
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC, 0o666)
         except OSError as error:

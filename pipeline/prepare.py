@@ -13,7 +13,8 @@ complete shard in the run directory, so preparing some splits or sequences adds 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import contextlib
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,9 @@ class ShardTask:
     # last frame number + 1: from the plan's one listing of the sequence, not one per shard
     window: tuple[tuple[int, str], ...] = ()
     n_scans: int = 0
+    # leave the shard's last chunks, metadata and rename to its writer thread (in this process, at
+    # most one shard behind); the stage then waits with wait_for_published()
+    publish_later: bool = False
 
 
 #: (sequence key, {frame number: (frame name, input stamps, Frame)}): the last k frames the
@@ -88,9 +92,41 @@ def _carry_key(seq: sk.Sequence, labelled: bool, spec: DatasetSpec) -> tuple:
     return str(seq.path), labelled, spec.learning_lut.tobytes()
 
 
+#: (key, poses) of the sequence this process's last shard read: poses.txt parsed once a sequence,
+#: not once a shard (it is 2 ms a shard on the bench's 48 lines; real sequences have up to 4,541).
+#: Taken only where the poses and calibration files' stamps are those the shard records.
+_poses: tuple = (None, None)
+
+
 def forget_carried_frames() -> None:
-    global _carried
-    _carried = (None, {})
+    """Drop the frames and poses this process kept from its last shard."""
+    global _carried, _poses
+    _carried, _poses = (None, {}), (None, None)
+
+
+def _sequence_poses(seq: sk.Sequence, n_scans: int, stamps: dict) -> np.ndarray:
+    global _poses
+    files = (seq.path / "poses.txt", seq.path / "calib.txt")
+    key = (str(seq.path), n_scans, *(tuple(stamps[str(f)]) for f in files))
+    if _poses[0] != key:
+        poses = seq.poses(n_scans=n_scans)
+        poses.flags.writeable = False  # shared by the sequence's shards
+        _poses = (key, poses)
+    return _poses[1]
+
+
+#: the future of the last shard this process left its writer to publish (ShardTask.publish_later):
+#: its last chunks compressed, metadata written and rename done while the next shard reads and
+#: fuses; waiting for them cost about 1 ms a scan of prepare at 8 frames a shard (docs/results.md)
+_publishing = None
+
+
+def wait_for_published() -> None:
+    """Wait for the shard still being published; its failure, if any, is raised here."""
+    global _publishing
+    pending, _publishing = _publishing, None
+    if pending is not None:
+        pending.result()
 
 
 def load_frame(seq: sk.Sequence, frame_name: str, pose: np.ndarray, labelled: bool, spec: DatasetSpec) -> Frame:
@@ -118,10 +154,9 @@ def ensure_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict
 
 def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
     """Fuse and write the frames at positions [start, stop) of one sequence; returns the shard's summary."""
-    global _carried
+    global _carried, _publishing
     retain_freed_memory()  # in whichever process runs the shard
     seq = sk.Sequence(task.data_root, task.sequence)
-    poses = seq.poses(n_scans=task.n_scans)
     labelled = seq.has_labels
     fcfg = cfg.fusion if (labelled or cfg.fusion.mode != "hard") else FusionConfig(**{**cfg.fusion.to_dict(), "mode": "none"})
     k = fcfg.k if fcfg.mode != "none" else 0
@@ -136,6 +171,8 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
     inputs = [seq.path / "poses.txt", seq.path / "calib.txt"] + [p for files in frame_files.values() for p in files]
     stamps = {str(p): file_stamp(p) for p in inputs}
     frame_stamps = {name: [stamps[str(p)] for p in files] for name, files in frame_files.items()}
+    poses = _sequence_poses(seq, task.n_scans, stamps)
+    shard_rel = storage.path(task.path).relative_to(storage.path(task.path).parents[2]).as_posix()  # shards/SEQ/NAME
     key = _carry_key(seq, labelled, spec)
     carried = _carried[1] if _carried[0] == key else {}
     with RaggedWriter(task.path, SHARD_COMPRESSION) as writer:  # scan by scan: earlier chunks are written while later scans fuse
@@ -158,7 +195,7 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
                     "sequence": task.sequence, "frame": i, "frame_name": name, "split": task.split,
                     "has_labels": labelled, "n_single": n_single, "n_fused": n_fused,
                     "n_hard_instances": len(fused.instance_points_single),
-                    "shard": storage.path(task.path).relative_to(storage.path(task.path).parents[2]).as_posix(),  # shards/SEQ/NAME
+                    "shard": shard_rel,
                     "shard_index": len(rows), "row_start": row_start, "row_stop": row_start + n_single + n_fused,
                     "class_points_single": (np.bincount(frame.train, minlength=spec.num_classes)
                                             if labelled else np.zeros(spec.num_classes, np.int64)).tolist(),
@@ -168,12 +205,15 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
                 row_start += n_single + n_fused
             window[i] = frame
             window = {j: f for j, f in window.items() if j > i - k}
-        nbytes = writer.finish({"sequence": task.sequence, **shard_attrs(cfg, task.data_root), "rows": rows,
-                                "frames": [r["frame_name"] for r in rows], "input_stamps": stamps,
-                                "icp_accepted": icp[0], "icp_rejected": icp[1]})
+        wait_for_published()  # the previous shard's: at most one pending, so memory stays bounded
+        published = writer.finish({"sequence": task.sequence, **shard_attrs(cfg, task.data_root), "rows": rows,
+                                   "frames": [r["frame_name"] for r in rows], "input_stamps": stamps,
+                                   "icp_accepted": icp[0], "icp_rejected": icp[1]}, wait=not task.publish_later)
+    if task.publish_later:
+        _publishing = published
     names = dict(todo)
     _carried = (key, {j: (names[j], frame_stamps[names[j]], f) for j, f in window.items()})
-    return {"path": task.path, "frames": len(rows), "bytes": nbytes, "written": True}
+    return {"path": task.path, "frames": len(rows), "written": True}
 
 
 def plan(data_root, run: RunDir, cfg: PrepareConfig, spec: DatasetSpec, splits=None, sequences=None, overwrite=False,
@@ -293,18 +333,27 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
     data_root = str(storage.path(data_root).resolve())
     record = {"config": cfg.to_dict(), "config_fingerprint": cfg.fingerprint(), "data_root": data_root}
     tasks = plan(data_root, run, cfg, spec, splits, sequences, overwrite, verify)
+    if jobs == 1 and not dask_scheduler:  # shards one after another in this process
+        tasks = [replace(t, publish_later=True) for t in tasks]
     if not tasks:
         raise StaleInputError(f"{data_root}: no sequences match splits={splits} sequences={sequences}")
     swept = storage.sweep(run.prepare)
     stale = check_existing_shards(run, record, {t.path for t in tasks}, overwrite)
     if progress:
         progress(total=sum(t.stop - t.start for t in tasks))
-    results = run_tasks(
-        lambda t: ensure_shard(t, cfg, spec), tasks, jobs,
-        on_done=(lambda t, r: progress(advance=r["frames"])) if progress else None,
-        dask_scheduler=dask_scheduler,
-    )
-    forget_carried_frames()  # this process's last shard's frames: no later stage needs them
+    try:
+        results = run_tasks(
+            lambda t: ensure_shard(t, cfg, spec), tasks, jobs,
+            on_done=(lambda t, r: progress(advance=r["frames"])) if progress else None,
+            dask_scheduler=dask_scheduler,
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            wait_for_published()
+        raise
+    finally:
+        forget_carried_frames()  # this process's last shard's frames and poses: no later stage needs them
+    wait_for_published()  # every shard on disk (or its failure raised) before the manifest lists them
     for path in stale:
         storage.remove_tree(path)
     rows, nbytes = manifest_rows(run)

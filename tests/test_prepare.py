@@ -1,6 +1,7 @@
 """prepare: hard-class fusion, shard contents, manifest, and resumption after a crash."""
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -295,3 +296,64 @@ def test_a_frame_edited_after_its_shard_is_loaded_again_by_the_next(small_datase
     pp.forget_carried_frames()
     assert after == shard_bytes(second, "read")  # the same as from a process that reads the edited file
     assert after != before  # the edit reaches the next shard: fused as it was, the test could not tell
+
+
+def test_prepare_leaves_at_most_one_shard_publishing_and_waits_for_it(small_dataset, tmp_path, monkeypatch):
+    """At 1 job a shard's last chunks, metadata and rename are left to its writer thread while the
+    next shard reads and fuses. Publishing made slower than a shard: each shard finds the previous
+    one published when it finishes (memory stays bounded), and the manifest lists every shard."""
+    import time
+
+    from m2skd import ragged
+    from m2skd.ragged import list_groups
+
+    complete, finish = ragged.RaggedWriter._complete, ragged.RaggedWriter.finish
+    started, done, publishing, waits = [], [], [], []
+
+    def slow_complete(self, attrs):
+        time.sleep(0.2)
+        try:
+            return complete(self, attrs)
+        finally:
+            done.append(self.path)
+
+    def watched_finish(self, attrs, wait=True):
+        publishing.append(len(started) - len(done))  # shards still publishing as this one finishes
+        started.append(self.path)
+        waits.append(wait)
+        return finish(self, attrs, wait)
+
+    monkeypatch.setattr(ragged.RaggedWriter, "_complete", slow_complete)
+    monkeypatch.setattr(ragged.RaggedWriter, "finish", watched_finish)
+    cfg = PrepareConfig(FusionConfig(k=3), frames_per_shard=2)
+    summary = run_prepare(small_dataset, tmp_path / "run", cfg, sequences=("08",))
+    frames = len(sk.Sequence(small_dataset, "08").frames)
+    assert len(started) == -(-frames // 2) > 2 and not any(waits)  # the shards were left to publish
+    assert publishing == [0] * len(started)
+    assert summary["scans"] == frames and len(list_groups(RunDir(tmp_path / "run").shards)) == len(started)
+
+
+@pytest.mark.parametrize("failing_shard", [0, -1])
+def test_a_shard_that_fails_to_publish_fails_prepare_before_its_manifest(small_dataset, tmp_path, monkeypatch, failing_shard):
+    """The writer thread of the first (or the last) shard fails on its last file, after prepare went on:
+    prepare raises that error, writes no manifest and no record, and publishes no part of that shard."""
+    import m2skd.pipeline.prepare as pp
+    from m2skd import ragged
+    from m2skd.ragged import list_groups
+
+    cfg = PrepareConfig(FusionConfig(k=3), frames_per_shard=2)
+    run = RunDir(tmp_path / "run")
+    failing = pp.plan(str(small_dataset), run, cfg, SPEC, sequences=("08",))[failing_shard].path
+    write_file = ragged._Files._write_file
+
+    def fail_once(self, key, blob):
+        if key == "zarr.json" and self.root.name.startswith(Path(failing).name + ".tmp-"):
+            raise OSError("disk full")
+        write_file(self, key, blob)
+
+    monkeypatch.setattr(ragged._Files, "_write_file", fail_once)
+    with pytest.raises(OSError, match="disk full"):
+        run_prepare(small_dataset, run.root, cfg, sequences=("08",))
+    assert not run.manifest.exists() and not run.prepare_record.exists()
+    assert Path(failing) not in list_groups(run.shards)
+    assert not list(Path(failing).parent.glob(Path(failing).name + ".tmp-*"))

@@ -174,6 +174,39 @@ def test_a_failed_file_write_is_raised_by_finish_and_publishes_nothing(tmp_path,
     assert len(written) == 3 and list(tmp_path.iterdir()) == []
 
 
+def test_a_group_finished_without_waiting_is_the_group_a_waiting_finish_writes(tmp_path):
+    """finish(wait=False) leaves the last chunks, the metadata and the rename to the writer thread
+    and returns at once; its future's result is the group's bytes, and the files are the same."""
+    scans = _scans(5)  # 4 chunks, the last one partial
+    write_ragged(tmp_path / "waited.zarr", {"points": scans}, {"a": 1})
+    with ragged.RaggedWriter(tmp_path / "later.zarr") as writer:
+        for scan in scans:
+            writer.append({"points": scan})
+        published = writer.finish({"a": 1}, wait=False)
+    assert published.result() == writer.nbytes > 0
+    assert files_of(tmp_path / "later.zarr") == files_of(tmp_path / "waited.zarr")
+
+
+def test_a_failure_after_a_finish_without_waiting_is_raised_by_its_future_and_publishes_nothing(tmp_path, monkeypatch):
+    """The root metadata, the last file a group gets, fails after the caller has left the block: the
+    future raises it, and neither the group nor its temporary is left."""
+    write_file = ragged._Files._write_file
+
+    def failing(self, key, blob):
+        if key == "zarr.json":
+            raise OSError("disk full")
+        write_file(self, key, blob)
+
+    monkeypatch.setattr(ragged._Files, "_write_file", failing)
+    with ragged.RaggedWriter(tmp_path / "g.zarr") as writer:
+        for scan in _scans(3):
+            writer.append({"points": scan})
+        published = writer.finish({}, wait=False)
+    with pytest.raises(OSError, match="disk full"):
+        published.result()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("refused_at", ["open", "write"])
 def test_a_file_system_without_o_direct_gets_buffered_writes(tmp_path, monkeypatch, refused_at):
     """Where O_DIRECT is refused (EINVAL on opening, as tmpfs does, or on the first write), the
