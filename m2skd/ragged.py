@@ -28,7 +28,6 @@ import errno
 import json
 import mmap
 import os
-import queue
 import sys
 import threading
 import zlib
@@ -85,14 +84,18 @@ def write_ragged(path, fields: dict[str, list], attrs: dict, extra_rows: dict[st
 class RaggedWriter:
     """A group written scan by scan (`append`), then `finish`ed with its attributes and published.
 
-    Each field's rows are packed into whole chunks as scans arrive; a full chunk is compressed
-    and hashed by one background thread and written to its file by another (_Files) while the
-    caller makes the next scans (prepare reads and fuses while the previous chunks are compressed
-    and written), and at most two chunk buffers per field are alive, reused. The files are those
-    zarr's create_array and `arr[...] = values` write for the whole field, byte for byte
-    (tests/test_ragged.py, through the page cache and with O_DIRECT); zarr's own
-    chunk pipeline cost about twice the compressor's time per chunk (a fill-value buffer, copies,
-    a thread hop per codec) and a dozen awaited store operations per array.
+    `append` checks a scan's fields (names, dtypes, row shapes, row counts) and hands its arrays
+    to one background thread, which packs each field's rows into a chunk buffer and compresses
+    and hashes each full chunk; another (_Files) writes the chunk files. The caller makes the
+    next scans meanwhile (prepare reads and fuses them): the copy into chunks, made in the
+    caller's thread, was a tenth of prepare's time at 1 job. At most PENDING_SCANS scans wait
+    for the writer thread, so memory stays bounded, and each field has one chunk buffer, reused.
+    An appended array is read by the writer thread later: it must not be changed until `finish`
+    returns (or its future is done). The files are those zarr's create_array and
+    `arr[...] = values` write for the whole field, byte for byte (tests/test_ragged.py, through
+    the page cache and with O_DIRECT); zarr's own chunk pipeline cost about twice the
+    compressor's time per chunk (a fill-value buffer, copies, a thread hop per codec) and a
+    dozen awaited store operations per array.
 
         with RaggedWriter(path, compression) as writer:
             for scan in scans:
@@ -101,6 +104,8 @@ class RaggedWriter:
 
     Leaving the block without `finish` (an error) publishes nothing and removes the temporary."""
 
+    PENDING_SCANS = 2  # scans appended and not yet packed: how far the caller may run ahead
+
     def __init__(self, path, compression: dict[str, dict] | None = None):
         if sys.byteorder != "little":
             raise NotImplementedError("ragged groups are written on little-endian machines only")
@@ -108,7 +113,10 @@ class RaggedWriter:
         self.compression = compression or {}
         self.nbytes: int | None = None
         self._rowsets: dict[str, _RowSet] = {}
-        self._chunks: list = []  # futures of (chunk path, [size, crc32])
+        self._packed: list = []  # the writer thread's futures of each scan's packing
+        self._written: dict[str, list] = {}  # chunk path -> [size, crc32], filled by the writer thread
+        self._room = threading.BoundedSemaphore(self.PENDING_SCANS)
+        self._failed = False  # set by the writer thread: later scans are not packed
         self._finishing = None  # the writer thread's future of _complete, once finish is called
 
     def __enter__(self) -> "RaggedWriter":
@@ -126,6 +134,7 @@ class RaggedWriter:
             return False
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._files.close(cancel=True)  # after the writer thread, which may wait for it
+        self._release_buffers()
         if exc is None:
             exc = RuntimeError(f"{self.path}: writer closed without finish(); nothing published")
             self._stack.__exit__(RuntimeError, exc, None)
@@ -134,15 +143,41 @@ class RaggedWriter:
 
     def append(self, rows: dict, extra_rows: dict[str, dict] | None = None) -> None:
         """One scan: {field: its rows} of the main row set and of each extra row set, a field's
-        rows an array or a tuple of arrays (its pieces, stored in order: copied once, into chunks)."""
+        rows an array or a tuple of arrays (its pieces, stored in order: copied once, into chunks,
+        by the writer thread)."""
+        scan = []
         for prefix, fields in (("", rows), *(extra_rows or {}).items()):
             rowset = self._rowsets.get(prefix)
             if rowset is None:
                 rowset = self._rowsets[prefix] = _RowSet(prefix, fields, self.compression)
-            rowset.append(fields, self._submit)
+            scan.append((rowset, rowset.check(fields)))
+        self._room.acquire()  # waits while PENDING_SCANS scans are not yet packed
+        try:
+            self._packed.append(self._pool.submit(self._pack, scan))
+        except BaseException:
+            self._room.release()
+            raise
 
-    def _submit(self, field: "_Field", index: int, buffer: np.ndarray, filled: int) -> None:
-        self._chunks.append(self._pool.submit(_write_chunk, self._files, field, index, buffer, filled))
+    def _pack(self, scan: list) -> None:
+        """In the writer thread: a scan's rows into the chunk buffers, full chunks written."""
+        try:
+            if not self._failed:  # after a failure the group is abandoned: nothing more to pack
+                for rowset, pieces in scan:
+                    for name, field_pieces in pieces.items():
+                        rowset.fields[name].extend(field_pieces, self._write_chunk)
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            self._room.release()
+
+    def _write_chunk(self, field: "_Field", index: int, buffer: np.ndarray, filled: int) -> None:
+        """In the writer thread: chunk `index` of `field` (its first `filled` rows in `buffer`;
+        zarr pads the last chunk with the fill value) compressed, hashed and queued for its file."""
+        if filled < len(buffer):
+            buffer[filled:] = field.fill_value
+        path, record = _put_chunk(self._files, field.chunk_path(index), field.codec, buffer)
+        self._written[path] = record
 
     def finish(self, attrs: dict, wait: bool = True):
         """Write the last chunks, the offsets and the metadata (the root's, listing every chunk
@@ -157,20 +192,26 @@ class RaggedWriter:
         scans = {prefix or "main": len(r.counts) for prefix, r in self._rowsets.items()}
         if len(set(scans.values())) != 1:
             raise ValueError(f"{self.path}: row sets have different numbers of scans: {scans}")
-        for rowset in self._rowsets.values():
-            rowset.close(self._submit)
-        self._finishing = self._pool.submit(self._complete, attrs)  # after the last chunks: one thread, in order
+        self._finishing = self._pool.submit(self._complete, attrs)  # after every scan's packing: one thread, in order
         return self._finishing.result() if wait else self._finishing
 
+    def _release_buffers(self) -> None:
+        for rowset in self._rowsets.values():
+            for field in rowset.fields.values():
+                field.release()
+
     def _complete(self, attrs: dict) -> int:
-        """In the writer thread, once every chunk is compressed: finish's work, then the rename
-        (or upload); on any failure the temporary is removed and the error raised."""
+        """In the writer thread, once every scan is packed: finish's work, then the rename (or
+        upload); on any failure the temporary is removed and the error raised."""
         files = self._files
         try:
-            written = dict(future.result() for future in self._chunks)  # a chunk's error, if any, raised here
+            for packed in self._packed:
+                packed.result()  # a packing error, if any, raised here
             for rowset in self._rowsets.values():
                 for field in rowset.fields.values():
-                    field.release()
+                    field.close(self._write_chunk)
+            self._release_buffers()
+            written = self._written
             for prefix, rowset in self._rowsets.items():
                 if prefix:
                     files.put(f"{prefix}/zarr.json", _group_json({}))
@@ -191,6 +232,7 @@ class RaggedWriter:
             nbytes = _publish_group(files.root, root_attrs, self.path) if remote else files.nbytes
         except BaseException as exc:
             files.close(cancel=True)
+            self._release_buffers()
             self._stack.__exit__(type(exc), exc, exc.__traceback__)  # removes the temporary
             raise
         self._stack.__exit__(None, None, None)  # the rename: the group appears whole
@@ -206,22 +248,22 @@ class _RowSet:
         at = f"{prefix}/" if prefix else ""
         self.fields = {name: _Field(at + name, _pieces(rows), compression.get(name, {})) for name, rows in fields.items()}
 
-    def append(self, fields: dict, submit) -> None:
+    def check(self, fields: dict) -> dict[str, tuple]:
+        """A scan's {field: pieces}, each checked against the earlier scans; its row count recorded."""
         if list(fields) != list(self.fields):
             raise ValueError(f"row set {self.prefix or 'main'!r}: fields {list(fields)}, earlier scans {list(self.fields)}")
         pieces = {name: _pieces(rows) for name, rows in fields.items()}
+        for name, field_pieces in pieces.items():
+            self.fields[name].check(field_pieces)
         counts = {name: sum(len(a) for a in p) for name, p in pieces.items()}
         first = next(iter(counts))
         for name, n in counts.items():
             if n != counts[first]:
                 raise ValueError(f"field {name!r} has row counts that differ from {first!r} ({n} vs {counts[first]})")
-        for name, p in pieces.items():
-            self.fields[name].extend(p, submit)
+        for name, n in counts.items():
+            self.fields[name].rows += n
         self.counts.append(counts[first])
-
-    def close(self, submit) -> None:
-        for field in self.fields.values():
-            field.close(submit)
+        return pieces
 
 
 def _pieces(rows) -> tuple:
@@ -229,10 +271,8 @@ def _pieces(rows) -> tuple:
 
 
 class _Field:
-    """One field's rows, packed into chunk buffers of ROWS_PER_CHUNK rows; a full buffer is
-    handed to the writer thread, which gives it back once compressed (`free`)."""
-
-    BUFFERS = 2  # one being filled while the other is compressed
+    """One field's rows, packed by the writer thread into a chunk buffer of ROWS_PER_CHUNK rows,
+    written out (and reused) each time it is full."""
 
     def __init__(self, key: str, first: tuple, compression: dict):
         self.key = key
@@ -242,16 +282,20 @@ class _Field:
         self._meta = _array_metadata((0,) + self.row_shape, self.dtype.str, (ROWS_PER_CHUNK,) + self.row_shape, codec)
         self.codec = _blosc(self._meta)
         self.fill_value = self._meta.fill_value
-        self.rows = 0
-        self.free: queue.SimpleQueue = queue.SimpleQueue()
-        self._allocated, self._chunks = 0, 0
+        self.rows = 0  # appended (checked); the writer thread packs them later
+        self._chunks = 0
         self._buffer, self._filled = None, 0
 
-    def extend(self, pieces: tuple, submit) -> None:
+    def check(self, pieces: tuple) -> None:
         for piece in pieces:
             if piece.shape[1:] != self.row_shape or (len(piece) and piece.dtype.newbyteorder("=") != self.dtype):
                 raise ValueError(f"field {self.key!r}: rows of shape {piece.shape[1:]} and dtype {piece.dtype}, "
                                  f"earlier {self.row_shape} and {self.dtype}")
+
+    def extend(self, pieces: tuple, write) -> None:
+        """In the writer thread: the rows copied into the buffer, write(self, index, buffer, rows)
+        called on each full one."""
+        for piece in pieces:
             at = 0
             while at < len(piece):
                 if self._buffer is None:
@@ -261,39 +305,35 @@ class _Field:
                 self._filled += n
                 at += n
                 if self._filled == ROWS_PER_CHUNK:
-                    self._hand_over(submit)
-            self.rows += len(piece)
+                    self._write(write)
 
-    def close(self, submit) -> None:
+    def close(self, write) -> None:
         if self._buffer is not None and self._filled:
-            self._hand_over(submit)
+            self._write(write)
+
+    def _write(self, write) -> None:
+        write(self, self._chunks, self._buffer, self._filled)
+        self._chunks += 1
+        self._filled = 0
 
     def _take_buffer(self) -> np.ndarray:
-        if self._allocated < self.BUFFERS:
-            self._allocated += 1
-            with _SPARE_LOCK:
-                spare = _SPARE_BUFFERS.get(self._kind())
-                if spare:
-                    return spare.pop()
-            return np.empty((ROWS_PER_CHUNK,) + self.row_shape, self.dtype)
-        return self.free.get()  # waits for the writer thread: memory stays bounded
+        with _SPARE_LOCK:
+            spare = _SPARE_BUFFERS.get(self._kind())
+            if spare:
+                return spare.pop()
+        return np.empty((ROWS_PER_CHUNK,) + self.row_shape, self.dtype)
 
     def _kind(self) -> tuple:
         return (self.dtype.str, self.row_shape)
 
     def release(self) -> None:
-        """Once every chunk is written: the buffers are kept for the process's next writer."""
-        with _SPARE_LOCK:  # the next writer may be taking buffers in the caller's thread meanwhile
-            spare = _SPARE_BUFFERS.setdefault(self._kind(), [])
-            while not self.free.empty():
-                buffer = self.free.get()
-                if len(spare) < 2 * self.BUFFERS:  # two writers' worth: prepare's next shard starts before this one ends
+        """Once every chunk is written: the buffer kept for the process's next writer."""
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            with _SPARE_LOCK:  # the next writer may be taking buffers in another thread meanwhile
+                spare = _SPARE_BUFFERS.setdefault(self._kind(), [])
+                if len(spare) < 2:  # two writers' worth: prepare's next shard starts before this one ends
                     spare.append(buffer)
-
-    def _hand_over(self, submit) -> None:
-        submit(self, self._chunks, self._buffer, self._filled)
-        self._chunks += 1
-        self._buffer = None
 
     def chunk_path(self, index: int) -> str:
         return f"{self.key}/{self._meta.encode_chunk_key((index,) + (0,) * len(self.row_shape))}"
@@ -306,17 +346,6 @@ class _Field:
 #: fresh memory costs a page fault per 4 kB each time it is first written
 _SPARE_BUFFERS: dict[tuple, list] = {}
 _SPARE_LOCK = threading.Lock()
-
-
-def _write_chunk(files: "_Files", field: _Field, index: int, buffer: np.ndarray, filled: int) -> tuple[str, list]:
-    """In the writer thread: chunk `index` of `field` (its first `filled` rows in `buffer`; zarr
-    pads the last chunk with the fill value) to its file; the buffer goes back to the field."""
-    try:
-        if filled < len(buffer):
-            buffer[filled:] = field.fill_value
-        return _put_chunk(files, field.chunk_path(index), field.codec, buffer)
-    finally:
-        field.free.put(buffer)
 
 
 def _put_chunk(files: "_Files", path: str, codec: Blosc, block: np.ndarray) -> tuple[str, list]:

@@ -150,7 +150,7 @@ PREPARE_PHASES = {
     "compress": [(ragged, "_compress")],
     # rows packed into chunk buffers, chunk files and their CRC-32s, offsets and metadata: the write less compress
     "shard_files": [(ragged.RaggedWriter, "append"), (ragged, "_put_chunk"), (ragged.RaggedWriter, "finish"),
-                    (ragged.RaggedWriter, "_complete")],
+                    (ragged.RaggedWriter, "_pack"), (ragged.RaggedWriter, "_complete")],
     "manifest": [(prepare_module, "manifest_rows"), (prepare_module, "write_manifest")],
 }
 

@@ -131,9 +131,10 @@ def test_an_error_while_appending_publishes_nothing(tmp_path):
 
 
 def test_a_failed_chunk_write_is_raised_by_finish_and_publishes_nothing(tmp_path, monkeypatch):
-    """The writer thread fails on the second chunk; the caller, which keeps appending (and so
-    needs the failed chunk's buffer back), gets the error from finish, and nothing is published."""
-    calls = []
+    """The writer thread fails on the second chunk; the caller, which keeps appending (and waits
+    whenever PENDING_SCANS scans are not yet packed), is not left waiting: no later scan is packed,
+    finish raises the error, and nothing is published."""
+    calls, appended = [], []
 
     def failing(codec, block):
         calls.append(1)
@@ -145,10 +146,35 @@ def test_a_failed_chunk_write_is_raised_by_finish_and_publishes_nothing(tmp_path
     path = tmp_path / "g.zarr"
     with pytest.raises(OSError, match="disk full"):
         with ragged.RaggedWriter(path) as writer:
-            for scan in _scans(8):  # 1.6M rows: 7 chunks through 2 buffers
+            for scan in _scans(8):  # 1.6M rows: 7 chunks
                 writer.append({"points": scan})
+                appended.append(1)
             writer.finish({})
-    assert len(calls) >= 3 and list(tmp_path.iterdir()) == []
+    assert len(appended) == 8 and len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_the_caller_runs_at_most_pending_scans_ahead_of_the_writer_thread(tmp_path, monkeypatch):
+    """Scans are packed into chunks by the writer thread; with that thread slow, append waits once
+    PENDING_SCANS scans are not yet packed, so the scans held in memory stay bounded."""
+    import time
+
+    pack, packed, ahead = ragged.RaggedWriter._pack, [], []
+
+    def slow_pack(self, scan):
+        time.sleep(0.05)
+        pack(self, scan)
+        packed.append(1)
+
+    monkeypatch.setattr(ragged.RaggedWriter, "_pack", slow_pack)
+    scans = _scans(8)
+    with ragged.RaggedWriter(tmp_path / "slow.zarr") as writer:
+        for i, scan in enumerate(scans):
+            writer.append({"points": scan})
+            ahead.append(i + 1 - len(packed))
+        writer.finish({})
+    assert max(ahead) == ragged.RaggedWriter.PENDING_SCANS  # appended and not yet packed, the one being packed among them
+    write_ragged(tmp_path / "whole.zarr", {"points": scans}, {})
+    assert files_of(tmp_path / "slow.zarr") == files_of(tmp_path / "whole.zarr")
 
 
 def test_a_failed_file_write_is_raised_by_finish_and_publishes_nothing(tmp_path, monkeypatch):
