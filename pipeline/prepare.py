@@ -14,7 +14,9 @@ complete shard in the run directory, so preparing some splits or sequences adds 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field, replace
+import itertools
+import threading
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,56 +77,53 @@ class ShardTask:
     # last frame number + 1: from the plan's one listing of the sequence, not one per shard
     window: tuple[tuple[int, str], ...] = ()
     n_scans: int = 0
-    # leave the shard's last chunks, metadata and rename to its writer thread (in this process, at
-    # most one shard behind); the stage then waits with wait_for_published()
-    publish_later: bool = False
 
 
-#: (sequence key, {frame number: (frame name, input stamps, Frame)}): the last k frames the
-#: previous shard of this process loaded. The next shard of the same sequence fuses its first scans
-#: with them: loaded again, they were a third of the loads of a shard of 8 frames at k = 4. Taken
-#: only where the frame's files, pose and the learning map are what the shard itself sees. One
-#: tuple, replaced whole, so threads running shards side by side never read half of another's.
-_carried: tuple = (None, {})
+class _KeptBetweenShards(threading.local):
+    """What a thread keeps from one shard to the next of a run of consecutive shards (the caller's
+    at 1 job; a worker's batch with jobs, `ensure_shards`):
+
+    - carried: (sequence key, {frame number: (frame name, input stamps, Frame)}), the last k frames
+      the previous shard loaded. The next shard of the sequence fuses its first scans with them:
+      loaded again, they were a third of the loads of a shard of 8 frames at k = 4. Taken only
+      where the frame's files, pose and the learning map are what the shard itself sees.
+    - poses: (key, poses) of the sequence last read: poses.txt parsed once a sequence, not once a
+      shard (2 ms a shard on the bench's 48 lines; real sequences have up to 4,541). Taken only
+      where the poses and calibration files' stamps are those the shard records.
+    - publishing: the future of the last shard left to its writer thread to publish
+      (prepare_shard's publish_later): its last chunks, metadata and rename done while the next shard
+      reads and fuses; waiting for them cost about 1 ms a scan at 8 frames a shard."""
+
+    carried: tuple = (None, {})
+    poses: tuple = (None, None)
+    publishing = None
+
+
+_kept = _KeptBetweenShards()
 
 
 def _carry_key(seq: sk.Sequence, labelled: bool, spec: DatasetSpec) -> tuple:
     return str(seq.path), labelled, spec.learning_lut.tobytes()
 
 
-#: (key, poses) of the sequence this process's last shard read: poses.txt parsed once a sequence,
-#: not once a shard (it is 2 ms a shard on the bench's 48 lines; real sequences have up to 4,541).
-#: Taken only where the poses and calibration files' stamps are those the shard records.
-_poses: tuple = (None, None)
-
-
 def forget_carried_frames() -> None:
-    """Drop the frames and poses this process kept from its last shard."""
-    global _carried, _poses
-    _carried, _poses = (None, {}), (None, None)
+    """Drop the frames and poses this thread kept from its last shard."""
+    _kept.carried, _kept.poses = (None, {}), (None, None)
 
 
 def _sequence_poses(seq: sk.Sequence, n_scans: int, stamps: dict) -> np.ndarray:
-    global _poses
     files = (seq.path / "poses.txt", seq.path / "calib.txt")
     key = (str(seq.path), n_scans, *(tuple(stamps[str(f)]) for f in files))
-    if _poses[0] != key:
+    if _kept.poses[0] != key:
         poses = seq.poses(n_scans=n_scans)
         poses.flags.writeable = False  # shared by the sequence's shards
-        _poses = (key, poses)
-    return _poses[1]
-
-
-#: the future of the last shard this process left its writer to publish (ShardTask.publish_later):
-#: its last chunks compressed, metadata written and rename done while the next shard reads and
-#: fuses; waiting for them cost about 1 ms a scan of prepare at 8 frames a shard (docs/results.md)
-_publishing = None
+        _kept.poses = (key, poses)
+    return _kept.poses[1]
 
 
 def wait_for_published() -> None:
-    """Wait for the shard still being published; its failure, if any, is raised here."""
-    global _publishing
-    pending, _publishing = _publishing, None
+    """Wait for the shard this thread left publishing; its failure, if any, is raised here."""
+    pending, _kept.publishing = _kept.publishing, None
     if pending is not None:
         pending.result()
 
@@ -144,17 +143,47 @@ def shard_attrs(cfg: PrepareConfig, data_root: str) -> dict:
     return {"config_fingerprint": cfg.fingerprint(), "data_root": data_root}
 
 
-def ensure_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
+def ensure_shards(batch: list[ShardTask], cfg: PrepareConfig, spec: DatasetSpec, leave_last: bool = False) -> list[dict]:
+    """ensure_shard of consecutive shards of one sequence, in this thread: each shard takes the
+    frames the one before loaded, and is published by its writer thread while the next one reads
+    and fuses. Returns once all are published, or with `leave_last` the last may still be (the
+    caller then waits for it: wait_for_published)."""
+    try:
+        results = [ensure_shard(task, cfg, spec, publish_later=True) for task in batch]
+        if not leave_last:
+            wait_for_published()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            wait_for_published()
+        raise
+    finally:
+        if not leave_last:
+            forget_carried_frames()  # a worker's next batch may be of another sequence
+    return results
+
+
+def consecutive_batches(tasks: list[ShardTask], n: int) -> list[list[ShardTask]]:
+    """The shards in about `n` batches, each of consecutive shards of one sequence (a worker's task)."""
+    size = max(1, -(-len(tasks) // n))
+    batches = []
+    for _, group in itertools.groupby(tasks, key=lambda t: t.sequence):
+        group = list(group)
+        batches.extend(group[i : i + size] for i in range(0, len(group), size))
+    return batches
+
+
+def ensure_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec, publish_later: bool = False) -> dict:
     """Reuse the shard if current (same settings, frames and input files; intact), else (re)write it."""
     expected = {**shard_attrs(cfg, task.data_root), "frames": list(task.frames)}
     if not task.overwrite and group_is_current(task.path, expected, task.verify):
         return {"path": task.path, "frames": task.stop - task.start, "written": False}
-    return prepare_shard(task, cfg, spec)
+    return prepare_shard(task, cfg, spec, publish_later)
 
 
-def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dict:
-    """Fuse and write the frames at positions [start, stop) of one sequence; returns the shard's summary."""
-    global _carried, _publishing
+def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec, publish_later: bool = False) -> dict:
+    """Fuse and write the frames at positions [start, stop) of one sequence; returns the shard's summary.
+    `publish_later`: the shard's last chunks, metadata and rename are left to its writer thread, at
+    most one shard pending in this thread (wait_for_published)."""
     retain_freed_memory()  # in whichever process runs the shard
     seq = sk.Sequence(task.data_root, task.sequence)
     labelled = seq.has_labels
@@ -174,7 +203,7 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
     poses = _sequence_poses(seq, task.n_scans, stamps)
     shard_rel = storage.path(task.path).relative_to(storage.path(task.path).parents[2]).as_posix()  # shards/SEQ/NAME
     key = _carry_key(seq, labelled, spec)
-    carried = _carried[1] if _carried[0] == key else {}
+    carried = _kept.carried[1] if _kept.carried[0] == key else {}
     with RaggedWriter(task.path, SHARD_COMPRESSION) as writer:  # scan by scan: earlier chunks are written while later scans fuse
         for i, name in todo:
             kept = carried.get(i) if i < first else None
@@ -208,11 +237,11 @@ def prepare_shard(task: ShardTask, cfg: PrepareConfig, spec: DatasetSpec) -> dic
         wait_for_published()  # the previous shard's: at most one pending, so memory stays bounded
         published = writer.finish({"sequence": task.sequence, **shard_attrs(cfg, task.data_root), "rows": rows,
                                    "frames": [r["frame_name"] for r in rows], "input_stamps": stamps,
-                                   "icp_accepted": icp[0], "icp_rejected": icp[1]}, wait=not task.publish_later)
-    if task.publish_later:
-        _publishing = published
+                                   "icp_accepted": icp[0], "icp_rejected": icp[1]}, wait=not publish_later)
+    if publish_later:
+        _kept.publishing = published
     names = dict(todo)
-    _carried = (key, {j: (names[j], frame_stamps[names[j]], f) for j, f in window.items()})
+    _kept.carried = (key, {j: (names[j], frame_stamps[names[j]], f) for j, f in window.items()})
     return {"path": task.path, "frames": len(rows), "written": True}
 
 
@@ -333,27 +362,30 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
     data_root = str(storage.path(data_root).resolve())
     record = {"config": cfg.to_dict(), "config_fingerprint": cfg.fingerprint(), "data_root": data_root}
     tasks = plan(data_root, run, cfg, spec, splits, sequences, overwrite, verify)
-    if jobs == 1 and not dask_scheduler:  # shards one after another in this process
-        tasks = [replace(t, publish_later=True) for t in tasks]
     if not tasks:
         raise StaleInputError(f"{data_root}: no sequences match splits={splits} sequences={sequences}")
     swept = storage.sweep(run.prepare)
     stale = check_existing_shards(run, record, {t.path for t in tasks}, overwrite)
     if progress:
         progress(total=sum(t.stop - t.start for t in tasks))
+    # in this thread shard by shard (progress by shard), the frames carried and the pending publish
+    # spanning all; with jobs, batches of consecutive shards, each a worker's task, two a job
+    serial = jobs == 1 and not dask_scheduler
+    batches = [[t] for t in tasks] if serial else consecutive_batches(tasks, 2 * jobs)
     try:
         results = run_tasks(
-            lambda t: ensure_shard(t, cfg, spec), tasks, jobs,
-            on_done=(lambda t, r: progress(advance=r["frames"])) if progress else None,
+            lambda batch: ensure_shards(batch, cfg, spec, leave_last=serial), batches, jobs,
+            on_done=(lambda batch, r: progress(advance=sum(s["frames"] for s in r))) if progress else None,
             dask_scheduler=dask_scheduler,
         )
     except BaseException:
-        with contextlib.suppress(Exception):  # the first error is the one to report
+        with contextlib.suppress(Exception):  # the first error is the one to report; none left pending
             wait_for_published()
         raise
     finally:
-        forget_carried_frames()  # this process's last shard's frames and poses: no later stage needs them
+        forget_carried_frames()  # this thread's last shard's frames and poses: no later stage needs them
     wait_for_published()  # every shard on disk (or its failure raised) before the manifest lists them
+    results = [r for batch in results for r in batch]
     for path in stale:
         storage.remove_tree(path)
     rows, nbytes = manifest_rows(run)

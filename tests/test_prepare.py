@@ -357,3 +357,37 @@ def test_a_shard_that_fails_to_publish_fails_prepare_before_its_manifest(small_d
     assert not run.manifest.exists() and not run.prepare_record.exists()
     assert Path(failing) not in list_groups(run.shards)
     assert not list(Path(failing).parent.glob(Path(failing).name + ".tmp-*"))
+
+
+def test_a_workers_batch_reads_each_frame_once_and_returns_with_its_shards_published(small_dataset, tmp_path, monkeypatch):
+    """With jobs, a worker's task is a batch of consecutive shards of one sequence: within it each
+    frame is loaded once (the shards carry frames as a serial run's do), and when it returns every
+    shard is published and nothing is left pending or carried in the worker's thread."""
+    import m2skd.pipeline.prepare as pp
+    from m2skd.ragged import list_groups
+
+    loads = []
+    load_frame = pp.load_frame
+    monkeypatch.setattr(pp, "load_frame", lambda seq, name, *a: loads.append(name) or load_frame(seq, name, *a))
+    cfg = PrepareConfig(FusionConfig(k=3), frames_per_shard=2)
+    run = RunDir(tmp_path / "run")
+    tasks = pp.plan(str(small_dataset), run, cfg, SPEC, sequences=("08",))
+    batches = pp.consecutive_batches(tasks, 2)
+    assert [len(b) for b in batches] == [2, 2] and [t for b in batches for t in b] == tasks
+    results = pp.ensure_shards(batches[1], cfg, SPEC)
+    frames = [name for t in batches[1] for name in t.frames]
+    assert sorted(loads) == sorted(set(loads)) and set(frames) <= set(loads)  # each once, the 3 before included
+    assert len(loads) == len(frames) + 3
+    assert [r["path"] for r in results] == [t.path for t in batches[1]]
+    assert {str(p) for p in list_groups(run.shards)} == {t.path for t in batches[1]}
+    assert pp._kept.publishing is None and pp._kept.carried == (None, {})
+
+
+def test_prepare_with_jobs_writes_the_bytes_a_serial_prepare_writes(small_dataset, tmp_path):
+    """Batches of consecutive shards in two worker processes: the same shards and manifest rows
+    as one process preparing every shard in order."""
+    cfg = PrepareConfig(FusionConfig(k=3), frames_per_shard=2)
+    serial = run_prepare(small_dataset, tmp_path / "serial", cfg, jobs=1)
+    batched = run_prepare(small_dataset, tmp_path / "batched", cfg, jobs=2)
+    assert serial["shards"] == batched["shards"] > 4 and serial["manifest_fingerprint"] == batched["manifest_fingerprint"]
+    assert _chunk_bytes(tmp_path / "serial") == _chunk_bytes(tmp_path / "batched")
