@@ -369,9 +369,10 @@ def run_prepare(data_root, run_dir, cfg: PrepareConfig, jobs: int = 1, splits=No
     if progress:
         progress(total=sum(t.stop - t.start for t in tasks))
     # in this thread shard by shard (progress by shard), the frames carried and the pending publish
-    # spanning all; with jobs, batches of consecutive shards, each a worker's task, two a job
+    # spanning all; with jobs, batches of consecutive shards, each a worker's task, two a job; on a
+    # Dask cluster, whose size is not known here, a shard a task
     serial = jobs == 1 and not dask_scheduler
-    batches = [[t] for t in tasks] if serial else consecutive_batches(tasks, 2 * jobs)
+    batches = [[t] for t in tasks] if serial or dask_scheduler else consecutive_batches(tasks, 2 * jobs)
     try:
         results = run_tasks(
             lambda batch: ensure_shards(batch, cfg, spec, leave_last=serial), batches, jobs,

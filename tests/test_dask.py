@@ -52,8 +52,11 @@ def test_prepare_and_cache_on_dask_equal_joblib(small_dataset, tmp_path, cluster
     local, remote = tmp_path / "joblib", tmp_path / "dask"
 
     sum_local = run_prepare(small_dataset, local, PREPARE, jobs=2)
-    sum_remote = run_prepare(small_dataset, remote, PREPARE, dask_scheduler=address)
+    advances = []
+    sum_remote = run_prepare(small_dataset, remote, PREPARE, dask_scheduler=address,
+                             progress=lambda total=None, advance=None: advance and advances.append(advance))
     assert sum_local == sum_remote
+    assert len(advances) == sum_remote["shards"] > 2  # a shard a task: the cluster's size is not known to prepare
     df_local, meta_local = read_manifest(RunDir(local).manifest)
     df_remote, meta_remote = read_manifest(RunDir(remote).manifest)
     pd.testing.assert_frame_equal(df_local, df_remote)
